@@ -1,0 +1,432 @@
+"""Diffusion for latent echo videos: noise schedule, forward process, v-prediction, DDPM and DDIM
+steps, classifier-free guidance, long-video window stitching and the EMA of the weights.
+`python diffusion.py` runs a smoke test.
+
+The schedulers mirror diffusers 0.42.1 `DDPMScheduler` / `DDIMScheduler` operation for operation
+(float32 schedule, 0-dim float32 coefficients computed in the same order), so a step gives the
+same bits as diffusers on the same inputs and generator (tests/test_diffusion.py).
+References: DDPM (Ho et al. 2020), DDIM (Song et al. 2021), v-prediction (Salimans & Ho 2022,
+"Progressive distillation"), classifier-free guidance (Ho & Salimans 2022), offset noise
+(Guttenberg 2023), EchoNet-Synthetic (Reynaud et al. 2024).
+Layout: latent videos are [B, F, C, H, W] (batch, frames, channels, height, width), the UNet's
+native layout; t is always diffusion time; ef is the ejection fraction in [0, 1].
+"""
+
+import copy
+import math
+
+import torch
+
+# --- random numbers ----------------------------------------------------------------------------
+
+
+def randn(shape, generator=None, device=None, dtype=None):
+    """Standard normal noise of `shape`, reproducible per batch item (diffusers' randn_tensor).
+
+    generator: None (global RNG), a torch.Generator, or a list of shape[0] generators: item i is
+    drawn alone as (1, *shape[1:]) from generator i, so a video's noise does not depend on the
+    batch it is in. Noise is drawn on the generator's device, then moved to `device`.
+    """
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]  # diffusers treats a list of one like a single generator
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        one = (1, *shape[1:])
+        noise = [torch.randn(one, generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(noise).to(device)
+    rand_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+# --- v-prediction --------------------------------------------------------------------------------
+
+
+def predict_x0_eps(model_output, x_t, alpha_bar, prediction_type="v_prediction"):
+    """Estimates (x0, eps) from the network output at x_t.
+
+    model_output, x_t: [B, ...]; alpha_bar: a 0-dim tensor or one broadcastable to x_t.
+    Returns (x0, eps), unclipped, each shaped like x_t.
+    """
+    # With a = alpha_bar_t, x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDPM, Ho et al. 2020, Eq. 4).
+    a, b = alpha_bar, 1 - alpha_bar
+    if prediction_type == "v_prediction":
+        # Salimans & Ho 2022, Sec. 4 and Appendix D: v = sqrt(a) eps - sqrt(1 - a) x0, so
+        #   x0 = sqrt(a) x_t - sqrt(1 - a) v,   eps = sqrt(a) v + sqrt(1 - a) x_t.
+        return a**0.5 * x_t - b**0.5 * model_output, a**0.5 * model_output + b**0.5 * x_t
+    if prediction_type == "epsilon":  # Ho et al. 2020, Eq. 15
+        return (x_t - b**0.5 * model_output) / a**0.5, model_output
+    if prediction_type == "sample":
+        return model_output, (x_t - a**0.5 * model_output) / b**0.5
+    raise ValueError(f"prediction_type={prediction_type!r}: use v_prediction, epsilon or sample")
+
+
+# --- noise schedule and forward process ----------------------------------------------------------
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {allowed}")
+
+
+class _Scheduler:
+    """The schedule shared by DDPM and DDIM; defaults are EchoNet-Synthetic's lvdm config."""
+
+    def __init__(
+        self,
+        num_train_timesteps=1000,  # diffusion steps in training
+        beta_start=1e-4,  # linear betas from beta_start to beta_end (Ho et al. 2020, Sec. 4)
+        beta_end=0.02,
+        beta_schedule="linear",  # the only schedule the original uses
+        prediction_type="v_prediction",  # what the network predicts: v, epsilon or sample
+        clip_sample=True,  # clamp predicted x0 to [-clip_sample_range, clip_sample_range]
+        clip_sample_range=4.0,  # the original's choice (diffusers' default is 1.0)
+        timestep_spacing="leading",  # how set_timesteps picks its steps
+        steps_offset=0,  # added to "leading" timesteps
+    ):
+        _check("beta_schedule", beta_schedule, ("linear",))
+        _check("prediction_type", prediction_type, ("v_prediction", "epsilon", "sample"))
+        _check("timestep_spacing", timestep_spacing, ("leading", "trailing", "linspace"))
+        if not (isinstance(num_train_timesteps, int) and num_train_timesteps >= 1):
+            raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: need an int >= 1")
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"betas {beta_start}..{beta_end}: need 0 < beta_start <= beta_end < 1")
+        if not clip_sample_range > 0 or steps_offset < 0:
+            raise ValueError("clip_sample_range must be > 0 and steps_offset >= 0")
+        self.config = dict(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range, timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+        )  # fmt: skip
+        # torch's float32 linspace and cumprod: numpy's float64 linspace cast to float32 differs
+        # in 338 of the 1000 betas. alpha_bar[0] = 0.99989998, [945] = 1.1670701e-4.
+        self.betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, [N]
+        self.one = torch.tensor(1.0)  # alpha_bar "after" the last step (prev_t = -1)
+        # The schedule stays on the CPU: its 0-dim entries act as scalars on tensors anywhere.
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)  # int64, N-1 .. 0
+
+    def _alpha_bar(self, t, x):
+        """alpha_bar_t in x's dtype and device, shaped [B, 1, ..., 1] to broadcast over x."""
+        alpha_bar = self.alphas_cumprod.to(device=x.device).to(dtype=x.dtype)
+        a = alpha_bar[torch.as_tensor(t, device=x.device)].flatten()
+        return a.view(-1, *[1] * (x.ndim - 1))
+
+    def add_noise(self, x0, noise, t):
+        """Samples q(x_t | x0) (Ho et al. 2020, Eq. 4): sqrt(a) x0 + sqrt(1 - a) noise.
+
+        x0, noise: [B, ...] (any ndim, batch on dim 0); t: int, 0-dim or [B] int tensor.
+        """
+        a = self._alpha_bar(t, x0)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+    def get_velocity(self, x0, noise, t):
+        """The v-prediction target (Salimans & Ho 2022): sqrt(a) noise - sqrt(1 - a) x0.
+
+        x0, noise: [B, ...]; t: int, 0-dim or [B] int tensor. Returns v shaped like x0.
+        """
+        a = self._alpha_bar(t, x0)
+        return a**0.5 * noise - (1 - a) ** 0.5 * x0
+
+    def set_timesteps(self, n):
+        """Picks n of the N training steps for sampling; sets `.timesteps` (int64, descending).
+
+        "leading", N = 1000, n = 64: step 1000 // 64 = 15 -> 945, 930, ..., 15, 0 (starts at 945,
+        not 999). "trailing": round(arange(N, 0, -N/n)) - 1 -> 999, 983, ...; "linspace":
+        round(linspace(0, N - 1, n)) reversed. Both follow numpy's float64 arithmetic exactly.
+        """
+        N, spacing = self.config["num_train_timesteps"], self.config["timestep_spacing"]
+        if not (isinstance(n, int) and 1 <= n <= N):
+            raise ValueError(f"set_timesteps({n!r}): need an int in [1, {N}] (training steps)")
+        if spacing == "leading":
+            t = torch.arange(n).flip(0) * (N // n) + self.config["steps_offset"]
+        elif spacing == "trailing":  # numpy's arange: start + i * ((start + step) - start)
+            step = -N / n
+            t = N + torch.arange(math.ceil(-N / step), dtype=torch.float64) * ((N + step) - N)
+            t = t.round().long() - 1
+        else:  # numpy's linspace: i * step, with the last value set to the end point
+            t = torch.arange(n, dtype=torch.float64) * ((N - 1) / (n - 1) if n > 1 else 0.0)
+            t[-1] = N - 1 if n > 1 else 0
+            t = t.round().flip(0).long()
+        self.num_inference_steps, self.timesteps = n, t
+
+    def _x0_eps(self, model_output, x_t, a):
+        x0, eps = predict_x0_eps(model_output, x_t, a, self.config["prediction_type"])
+        if self.config["clip_sample"]:
+            x0 = x0.clamp(-self.config["clip_sample_range"], self.config["clip_sample_range"])
+        return x0, eps  # eps stays the unclipped estimate, as in diffusers
+
+
+class DDPM(_Scheduler):
+    """Ancestral DDPM sampler (Ho et al. 2020, Algorithm 2) over the chosen timesteps."""
+
+    def __init__(self, variance_type="fixed_small", **overrides):
+        _check("variance_type", variance_type, ("fixed_small", "fixed_large"))
+        super().__init__(**overrides)
+        self.config["variance_type"] = variance_type
+
+    def _previous(self, t):
+        if self.num_inference_steps is None:
+            return t - 1
+        i = (self.timesteps == t).nonzero()
+        if len(i) == 0:
+            raise ValueError(f"t={t} is not one of the timesteps set by set_timesteps")
+        i = int(i[0, 0])
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+
+    def step(self, model_output, t, x_t, generator=None, return_x0=False):
+        """One step x_t -> x_prev, prev the next entry of `.timesteps` (-1 after the last).
+
+        model_output, x_t: [B, ...]; t: an element of `.timesteps` (int or 0-dim tensor);
+        generator: None, a torch.Generator or a list of B (see `randn`). Noise is drawn only
+        when t > 0. Returns x_prev [B, ...], or (x_prev, clipped x0) with return_x0=True.
+        """
+        t = int(t)
+        prev_t = self._previous(t)
+        a_t = self.alphas_cumprod[t]
+        a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        b_t, b_p = 1 - a_t, 1 - a_p
+        # A jump t -> prev_t acts as one step with alpha = a_t / a_p, beta = 1 - alpha (respaced
+        # DDPM, Nichol & Dhariwal 2021, Sec. 4); for prev_t = t - 1 they are the paper's alpha_t.
+        alpha, beta = a_t / a_p, 1 - a_t / a_p
+        x0, _ = self._x0_eps(model_output, x_t, a_t)
+        # Posterior mean of q(x_prev | x_t, x0), Ho et al. 2020, Eq. 7:
+        #   mu = sqrt(a_p) beta / (1 - a_t) x0 + sqrt(alpha) (1 - a_p) / (1 - a_t) x_t
+        x_prev = (a_p**0.5 * beta) / b_t * x0 + alpha**0.5 * b_p / b_t * x_t
+        if t > 0:
+            # fixed_small: sigma^2 = beta~ = (1 - a_p) / (1 - a_t) beta (Eq. 7); fixed_large:
+            # sigma^2 = beta (Sec. 3.2). At t = 0 nothing is drawn: the generator is untouched.
+            small = self.config["variance_type"] == "fixed_small"
+            var = torch.clamp(b_p / b_t * beta, min=1e-20) if small else beta
+            z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            x_prev = x_prev + var**0.5 * z
+        return (x_prev, x0) if return_x0 else x_prev
+
+
+class DDIM(_Scheduler):
+    """DDIM sampler (Song et al. 2021, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
+
+    def __init__(self, eta=0.0, set_alpha_to_one=True, **overrides):
+        if not eta >= 0:
+            raise ValueError(f"eta={eta!r}: need eta >= 0")
+        super().__init__(**overrides)
+        self.eta = eta
+        self.config["set_alpha_to_one"] = set_alpha_to_one
+        # alpha_bar after the last step: 1 (x0 itself) or alpha_bar_0.
+        self.final_alpha_cumprod = self.one if set_alpha_to_one else self.alphas_cumprod[0]
+
+    def step(self, model_output, t, x_t, generator=None, return_x0=False):
+        """One DDIM step x_t -> x_prev with prev = t - N // n (diffusers' rule: the next entry of
+        `.timesteps` for "leading" spacing, the original's; only near it for the other two).
+
+        model_output, x_t: [B, ...]; t: an element of `.timesteps`; generator as in `randn`,
+        used only when eta > 0 (then at every step, also the last). Returns x_prev [B, ...], or
+        (x_prev, clipped x0) with return_x0=True.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(n) before DDIM.step")
+        t = int(t)
+        prev_t = t - self.config["num_train_timesteps"] // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        b_t, b_p = 1 - a_t, 1 - a_p
+        x0, eps = self._x0_eps(model_output, x_t, a_t)
+        # Song et al. 2021, Eq. 16: sigma = eta sqrt((1 - a_p) / (1 - a_t)) sqrt(1 - a_t / a_p).
+        sigma = self.eta * ((b_p / b_t) * (1 - a_t / a_p)) ** 0.5
+        # Eq. 12: x_prev = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma z.
+        x_prev = a_p**0.5 * x0 + (1 - a_p - sigma**2) ** 0.5 * eps
+        if self.eta > 0:
+            z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            x_prev = x_prev + sigma * z
+        return (x_prev, x0) if return_x0 else x_prev
+
+
+# --- training: offset noise, EF dropout, masked loss ---------------------------------------------
+
+
+def offset_noise(x0, strength=0.1, generator=None):
+    """Training noise: randn_like(x0) + strength * randn(B, 1, C, 1, 1) (Guttenberg 2023).
+
+    x0: [B, F, C, H, W]; generator as in `randn`. One offset per (video, channel), constant over
+    frames and pixels: the original's randn(B, C, 1, 1, 1) on its [B, C, F, H, W] layout.
+    """
+    if x0.ndim != 5:
+        raise ValueError(f"offset_noise wants latents [B, F, C, H, W], got {tuple(x0.shape)}")
+    B, F, C, H, W = x0.shape
+    noise = randn(x0.shape, generator, x0.device, x0.dtype)
+    return noise + strength * randn((B, 1, C, 1, 1), generator, x0.device, x0.dtype)
+
+
+# The UNet sees ef as encoder_hidden_states [B, 1, 1]: one key token of width 1. Softmax over one
+# key is 1, so cross-attention returns to_out(to_v(ef)), and to_v has no bias: its value vector is
+# ef * w_v, linear in ef. Real ef in [0, 1] span the segment 0 .. w_v; NULL_EF = -1 gives -w_v,
+# the negative of EF = 100 %'s, distinct from every real EF (0 would be EF = 0 %, a real value).
+NULL_EF = -1.0
+
+
+def drop_ef(ef, p, generator=None):
+    """Replaces each item's ef by NULL_EF with probability p (classifier-free guidance training).
+
+    ef: [B] or [B, 1, 1]; generator: None or a torch.Generator. Returns a new tensor like ef.
+    The original drew this mask (drop_conditionning 0.1) but never applied it.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"drop_ef: p={p!r} must be in [0, 1]")
+    device = generator.device if generator is not None else ef.device
+    drop = torch.rand(ef.shape[0], generator=generator, device=device).to(ef.device) < p
+    return torch.where(drop.view(-1, *[1] * (ef.ndim - 1)), torch.full_like(ef, NULL_EF), ef)
+
+
+def masked_mse(pred, target, n_real=None):
+    """MSE over real frames only, in float32.
+
+    pred, target: [B, F, ...] (frames on dim 1); n_real: [B] ints, frames index < n_real are
+    real (None: all). Returns a 0-dim tensor.
+    """
+    err = (pred.float() - target.float()) ** 2
+    if n_real is None:
+        return err.mean()
+    B, F = err.shape[:2]
+    n_real = torch.as_tensor(n_real, device=err.device).view(B, 1)
+    # The original kept frames index <= n_real (one padded frame too) and averaged over the whole
+    # tensor, so a padded clip's loss was shrunk by n_real / F. We keep index < n_real and divide
+    # by the number of real elements: every real frame weighs the same, padded or not.
+    real = (torch.arange(F, device=err.device) < n_real).view(B, F, *[1] * (err.ndim - 2))
+    per_frame = err[0, 0].numel()
+    return torch.where(real, err, 0.0).sum() / (real.sum() * per_frame).clamp(min=1)
+
+
+# --- classifier-free guidance ------------------------------------------------------------------
+
+
+def cfg_inputs(x, ef):
+    """One UNet call for both passes: x [B, ...] -> [2B, ...], ef [B, ...] -> [ef; NULL_EF]."""
+    return torch.cat([x, x]), torch.cat([ef, torch.full_like(ef, NULL_EF)])
+
+
+def guided(v_cond, v_uncond, scale):
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with scale = 1 + w):
+
+    out = v_uncond + scale * (v_cond - v_uncond); v_cond, v_uncond: [B, ...]. The rule is linear
+    so it holds for v as for eps. scale = 1 is v_cond: the sampler then skips the null pass.
+    """
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+# --- long videos: window stitching -------------------------------------------------------------
+# The UNet is trained on 64-frame clips. Longer videos (the original's sample.py) are denoised as
+# 64-frame windows every 32 frames, all in one batch, at every step; --frames is first rounded up
+# to a multiple of 32, and R = (frames - 64) / 32 + 1. Example, 192 frames -> R = 5 windows at
+# 0, 32, 64, 96, 128; the video's prediction is window 0 whole (frames 0-63), then frames 32-63
+# of windows 1..4 (video frames 64-95, 96-127, 128-159, 160-191): each overlap takes the earlier
+# window's prediction.
+
+
+def round_frames(frames, multiple=32):
+    """--frames rounded up to a multiple of 32, as the original's sampler does: 100 -> 128."""
+    return -(-frames // multiple) * multiple
+
+
+def window_starts(frames, window=64, stride=32):
+    """First frame of each window: 192 -> [0, 32, 64, 96, 128]; frames <= window -> [0]."""
+    if frames <= window:
+        return [0]  # one window: the video itself, shorter than 64 frames if frames < 64
+    if not 0 < stride <= window or (frames - window) % stride:
+        raise ValueError(
+            f"{frames} frames do not tile into {window}-frame windows every {stride}: "
+            f"round up to {window} + k * {stride} first (round_frames)"
+        )
+    return list(range(0, frames - window + 1, stride))
+
+
+def split_windows(x, window=64, stride=32):
+    """x [B, F, ...] -> [B*R, window, ...], batch-major (all windows of video 0, then video 1).
+
+    With frames <= window returns x itself. Conditioning per window: ef.repeat_interleave(R, 0).
+    (The original stacked window-major but repeated EF batch-major, so with batch > 1 some
+    windows got another video's EF.)
+    """
+    F = x.shape[1]
+    if F <= window:
+        return x
+    starts = torch.tensor(window_starts(F, window, stride), device=x.device)
+    idx = starts[:, None] + torch.arange(window, device=x.device)  # [R, window] frame indices
+    return x[:, idx].flatten(0, 1)  # [B, R, window, ...] -> [B*R, window, ...]
+
+
+def merge_windows(y, B, frames, window=64, stride=32):
+    """Window predictions y [B*R, window, ...] -> video [B, frames, ...]: window 0 whole, then
+    frames window-stride .. window-1 (32..63) of each later window (the original's rule)."""
+    R = len(window_starts(frames, window, stride))
+    if y.shape[0] != B * R or y.shape[1] != min(frames, window):
+        need = (B * R, min(frames, window))
+        raise ValueError(f"merge_windows: windows {tuple(y.shape[:2])}, expected {need}")
+    if frames <= window:
+        return y
+    y = y.reshape(B, R, window, *y.shape[2:])
+    tails = y[:, 1:, window - stride :].flatten(1, 2)  # [B, (R-1)*stride, ...]
+    return torch.cat([y[:, 0], tails], dim=1)  # [B, frames, ...]
+
+
+# --- EMA of the weights ------------------------------------------------------------------------
+
+
+def ema_decay(step, max_decay=0.9999):
+    """diffusers EMAModel's default decay at optimisation step k (1-based): 0 for k = 1, then
+    (1 + s) / (10 + s) with s = k - 1 (TensorFlow's ExponentialMovingAverage num_updates rule),
+    capped at max_decay: k = 2 -> 0.1818, 10 -> 0.5263, 1000 -> 0.99108; the cap at k >= 89 991."""
+    s = max(0, step - 1)
+    return 0.0 if s <= 0 else min(max_decay, (1 + s) / (10 + s))
+
+
+class EMA:
+    """Exponential moving average of a model's weights; `.model` is the averaged copy (fp32, eval,
+    no grad). Call update(model) after every optimizer step, with the unwrapped module."""
+
+    def __init__(self, model, max_decay=0.9999):
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        for p in self.model.parameters():
+            p.grad = None
+        self.max_decay, self.step = max_decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        """shadow <- shadow - (1 - d) (shadow - param) for trained params; copies the rest."""
+        self.step += 1
+        d = ema_decay(self.step, self.max_decay)
+        pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
+        shadow = [s for s, p in pairs if p.requires_grad]
+        params = [p for s, p in pairs if p.requires_grad]
+        if shadow:  # same ops as diffusers' default (foreach=False) loop, batched
+            diff = torch._foreach_sub(shadow, params)  # shadow - param
+            torch._foreach_sub_(shadow, torch._foreach_mul(diff, 1 - d))
+        for s, p in pairs:
+            if not p.requires_grad:
+                s.copy_(p)
+        for s, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            s.copy_(b)
+
+    def state_dict(self):
+        """{"step", "max_decay", "model"}: a resumed EMA continues the same decay schedule."""
+        return {"step": self.step, "max_decay": self.max_decay, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state):
+        """Restores what state_dict returned (strict key match on the weights)."""
+        self.model.load_state_dict(state["model"])
+        self.step, self.max_decay = int(state["step"]), state.get("max_decay", self.max_decay)
+
+
+if __name__ == "__main__":
+    # Smoke test: a 192-frame video denoised in 64 DDPM steps as 5 stitched windows.
+    scheduler, g = DDPM(), torch.Generator().manual_seed(0)
+    scheduler.set_timesteps(64)
+    x = randn((2, 192, 4, 14, 14), g)  # [B, F, C, H, W]
+    for t in scheduler.timesteps:
+        windows = split_windows(x)  # [B*R, 64, C, H, W]
+        v = merge_windows(torch.tanh(windows), B=2, frames=192)  # a stand-in for the UNet
+        x = scheduler.step(v, t, x, generator=g)
+    print("timesteps", scheduler.timesteps[:3].tolist(), "...", scheduler.timesteps[-2:].tolist())
+    print("windows start at", window_starts(192), "-> sample", tuple(x.shape))
