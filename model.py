@@ -1,8 +1,9 @@
 """The two networks of EchoNet-Synthetic's latent video diffusion model, written out in PyTorch.
 
-- `UNetSpatioTemporal`: the Stable Video Diffusion UNet (diffusers' `UNetSpatioTemporalConditionModel`)
-  that EchoNet-Synthetic's LVDM trains: 2D ResNet + spatial attention blocks from Stable Diffusion,
-  each followed by a temporal ResNet / temporal attention branch and a learned mix of the two.
+- `UNetSpatioTemporal`: the Stable Video Diffusion UNet (diffusers'
+  `UNetSpatioTemporalConditionModel`) that EchoNet-Synthetic's LVDM trains: 2D ResNet + spatial
+  attention blocks from Stable Diffusion, each followed by a temporal ResNet / temporal attention
+  branch and a learned mix of the two.
 - `AutoencoderKL`: the KL autoencoder (VAE) of latent diffusion that maps 112x112 echo frames to
   4x14x14 latents and back.
 
@@ -31,7 +32,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -54,10 +55,11 @@ class ModelLoadError(Exception):
 
 @dataclass
 class UNetConfig:
-    sample_size: int | None = None        # latent size the model was trained at (not used by forward)
+    sample_size: int | None = None        # latent size at training (forward does not read it)
     in_channels: int = 8                  # 4 noisy latent channels + 4 of the conditioning frame
     out_channels: int = 4                 # the prediction (v in EchoNet-Synthetic)
-    down_block_types: tuple = ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",)
+    down_block_types: tuple = (("CrossAttnDownBlockSpatioTemporal",) * 3
+                               + ("DownBlockSpatioTemporal",))
     up_block_types: tuple = ("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3
     block_out_channels: tuple = (320, 640, 1280, 1280)  # channels per resolution
     addition_time_embed_dim: int = 256    # sinusoid width per added time id
@@ -179,7 +181,7 @@ class Attention(nn.Module):
 
     def unused_with_one_token(self):
         """Parameters that cannot affect the output when the context is a single token."""
-        return [self.to_q.weight] + ([self.to_q.bias] if self.to_q.bias is not None else [])
+        return [*self.to_q.parameters(), *self.to_k.parameters()]
 
 
 class GEGLU(nn.Module):
@@ -200,7 +202,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dim_out: int | None = None):
         super().__init__()
         # index 1 is diffusers' Dropout(0); an Identity keeps the output layer at key "net.2"
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim_out or dim)])
+        self.net = nn.ModuleList(
+            [GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim_out or dim)])
 
     def forward(self, x):
         for layer in self.net:
@@ -268,9 +271,11 @@ class TransformerSpatioTemporal(nn.Module):
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            [SpatialTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(num_layers)])
+            [SpatialTransformerBlock(inner, heads, head_dim, context_dim)
+             for _ in range(num_layers)])
         self.temporal_transformer_blocks = nn.ModuleList(
-            [TemporalTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(num_layers)])
+            [TemporalTransformerBlock(inner, heads, head_dim, context_dim)
+             for _ in range(num_layers)])
         self.time_pos_embed = TimestepEmbedding(channels, 4 * channels, out_dim=channels)
         self.time_mixer = AlphaBlender()
         self.proj_out = nn.Linear(inner, channels)
@@ -287,7 +292,8 @@ class TransformerSpatioTemporal(nn.Module):
         # Frame-index embedding, computed on all N rows (0..F-1 repeated B times) as diffusers
         # does: the rows are equal, but a matmul over F rows would round differently.
         frame_ids = torch.arange(Fr, device=x.device).repeat(B)
-        pos = self.time_pos_embed(timestep_embedding(frame_ids, C).to(h.dtype))[:, None]  # (N, 1, C)
+        pos = self.time_pos_embed(timestep_embedding(frame_ids, C).to(h.dtype))[:, None]
+        # pos: (N, 1, C)
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
             h = block(h, context)                                        # (N, L, C)
             m = (h + pos).view(B, Fr, L, -1)                             # (B, F, L, C)
@@ -300,9 +306,10 @@ class TransformerSpatioTemporal(nn.Module):
         return h + x
 
     def unused_with_one_token(self):
-        """Parameters the output does not depend on when the context is one token (norm2, to_q)."""
+        """Parameters the output ignores when the context is one token: norm2, to_q, to_k."""
         blocks = list(self.transformer_blocks) + list(self.temporal_transformer_blocks)
-        return [p for b in blocks for p in [*b.norm2.parameters(), *b.attn2.unused_with_one_token()]]
+        return [p for b in blocks
+                for p in [*b.norm2.parameters(), *b.attn2.unused_with_one_token()]]
 
 
 class ResnetBlock2D(nn.Module):
@@ -404,6 +411,15 @@ def run(module, checkpointed: bool, *args):
     return module(*args)
 
 
+def attention_modules(channels, num_layers, attention):
+    """One TransformerSpatioTemporal per ResNet, or None; attention = (heads, layers, context)."""
+    if not attention:
+        return None
+    heads, layers, context_dim = attention
+    return nn.ModuleList([TransformerSpatioTemporal(channels, heads, layers[i], context_dim)
+                          for i in range(num_layers)])
+
+
 class DownBlockSpatioTemporal(nn.Module):
     """Down block: (ResNet [+ attention]) x n, then an optional stride-2 conv; keeps the skips.
 
@@ -414,16 +430,10 @@ class DownBlockSpatioTemporal(nn.Module):
     def __init__(self, cin, cout, temb_dim, num_layers, add_downsample, attention=None):
         super().__init__()
         eps = 1e-6 if attention else 1e-5
-        self.resnets = nn.ModuleList(
+        self.attentions = attention_modules(cout, num_layers, attention)  # registered first,
+        self.resnets = nn.ModuleList(                                     # as in diffusers
             [SpatioTemporalResBlock(cin if i == 0 else cout, cout, temb_dim, eps)
              for i in range(num_layers)])
-        if attention:  # (heads, layers per attention module, context_dim)
-            heads, layers, context_dim = attention
-            self.attentions = nn.ModuleList(
-                [TransformerSpatioTemporal(cout, heads, layers[i], context_dim)
-                 for i in range(num_layers)])
-        else:
-            self.attentions = None
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if add_downsample else None
         self.gradient_checkpointing = False
 
@@ -445,18 +455,12 @@ class UpBlockSpatioTemporal(nn.Module):
 
     def __init__(self, cin, cprev, cout, temb_dim, num_layers, add_upsample, attention=None):
         super().__init__()
+        self.attentions = attention_modules(cout, num_layers, attention)
         # resnet i takes the running features (cprev, then cout) plus a skip (cout, last one cin)
         self.resnets = nn.ModuleList(
-            [SpatioTemporalResBlock((cprev if i == 0 else cout) + (cin if i == num_layers - 1 else cout),
+            [SpatioTemporalResBlock((cprev if i == 0 else cout) + (cin if i == n - 1 else cout),
                                     cout, temb_dim, 1e-6)
-             for i in range(num_layers)])
-        if attention:
-            heads, layers, context_dim = attention
-            self.attentions = nn.ModuleList(
-                [TransformerSpatioTemporal(cout, heads, layers[i], context_dim)
-                 for i in range(num_layers)])
-        else:
-            self.attentions = None
+             for i, n in enumerate([num_layers] * num_layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if add_upsample else None
         self.gradient_checkpointing = False
 
@@ -476,10 +480,10 @@ class UNetMidBlockSpatioTemporal(nn.Module):
 
     def __init__(self, channels, temb_dim, heads, layers, context_dim):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [SpatioTemporalResBlock(channels, channels, temb_dim, 1e-5) for _ in range(2)])
         self.attentions = nn.ModuleList(
             [TransformerSpatioTemporal(channels, heads, layers[0], context_dim)])
+        self.resnets = nn.ModuleList(
+            [SpatioTemporalResBlock(channels, channels, temb_dim, 1e-5) for _ in range(2)])
         self.gradient_checkpointing = False
 
     def forward(self, x, emb, context, num_frames):
@@ -506,8 +510,9 @@ class UNetSpatioTemporal(nn.Module):
         c = config
         n = len(c.block_out_channels)
         if len(c.down_block_types) != n or len(c.up_block_types) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels need the same "
-                             f"length, got {len(c.down_block_types)}, {len(c.up_block_types)}, {n}")
+            raise ValueError(
+                "down_block_types, up_block_types and block_out_channels need the same length, "
+                f"got {len(c.down_block_types)}, {len(c.up_block_types)}, {n}")
         kinds = {"CrossAttnDownBlockSpatioTemporal": True, "DownBlockSpatioTemporal": False,
                  "CrossAttnUpBlockSpatioTemporal": True, "UpBlockSpatioTemporal": False}
         for name in (*c.down_block_types, *c.up_block_types):
@@ -525,6 +530,7 @@ class UNetSpatioTemporal(nn.Module):
         self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, D)
 
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: diffusers' key order
         for i, kind in enumerate(c.down_block_types):
             attention = None
             if kinds[kind]:
@@ -533,7 +539,6 @@ class UNetSpatioTemporal(nn.Module):
                 ch[max(i - 1, 0)], ch[i], D, layers[i], i < n - 1, attention))
         self.mid_block = UNetMidBlockSpatioTemporal(
             ch[-1], D, heads[-1], per_block(tlayers[-1], 1), context_dims[-1])
-        self.up_blocks = nn.ModuleList()
         rch, rheads, rlayers = ch[::-1], heads[::-1], layers[::-1]
         rcontext, rtlayers = context_dims[::-1], tlayers[::-1]
         for i, kind in enumerate(c.up_block_types):
@@ -598,8 +603,8 @@ class UNetSpatioTemporal(nn.Module):
             block_skips, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
             size = skips[-1].shape[2:] if force_size and block.upsamplers is not None else None
             x = block(x, block_skips, emb, context, Fr, size)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))                             # (N, Cout, H, W)
-        return x.reshape(B, Fr, *x.shape[1:])                                        # (B, F, Cout, H, W)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))                   # (N, Cout, H, W)
+        return x.reshape(B, Fr, *x.shape[1:])                              # (B, F, Cout, H, W)
 
 
 # --- the autoencoder ---------------------------------------------------------------------------
@@ -633,7 +638,7 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None) -> torch.Tensor:
-        """mean + std * eps, eps ~ N(0, I) from `generator` (one, a list of one per item, or None)."""
+        """mean + std * eps, eps ~ N(0, I) from `generator` (one, one per item, or None)."""
         eps = randn(self.mean.shape, generator, self.moments.device, self.moments.dtype)
         return self.mean + self.std * eps
 
@@ -670,9 +675,9 @@ class VAEMidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)]) if attention else None
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(channels, channels, None, 1e-6, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([VAEAttention(channels, groups)]) if attention else None
 
     def forward(self, x):
         x = self.resnets[0](x)
@@ -731,10 +736,10 @@ class Decoder(nn.Module):
         super().__init__()
         rch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.latent_channels, rch[0], 3, padding=1)
-        self.mid_block = VAEMidBlock(rch[0], g, c.mid_block_add_attention)
-        self.up_blocks = nn.ModuleList(
+        self.up_blocks = nn.ModuleList(  # registered before mid_block: diffusers' key order
             [VAEBlock(rch[max(i - 1, 0)], rch[i], c.layers_per_block + 1, g, up=i < n - 1)
              for i in range(n)])
+        self.mid_block = VAEMidBlock(rch[0], g, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, rch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(rch[-1], c.out_channels, 3, padding=1)
 
@@ -820,7 +825,7 @@ def config_to_dict(model: nn.Module) -> dict:
 
 
 def save_pretrained(model: nn.Module, path: str):
-    """Write `path/config.json` + `path/diffusion_pytorch_model.safetensors` (diffusers loads it)."""
+    """Write path/config.json + path/diffusion_pytorch_model.safetensors (diffusers loads it)."""
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = os.path.join(path, f".{WEIGHTS_NAME}.tmp")
@@ -848,7 +853,8 @@ def read_weights(path: str) -> tuple[dict, str]:
         return state, index
     if os.path.isfile(binary):  # never unpickle arbitrary objects
         return torch.load(binary, map_location="cpu", weights_only=True), binary
-    raise ModelLoadError(f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
+    raise ModelLoadError(
+        f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
 
 
 def load_model(path: str, expect: str | None = None) -> nn.Module:
@@ -886,8 +892,8 @@ def load_model(path: str, expect: str | None = None) -> nn.Module:
     wrong = sorted(f"{k} {list(state[k].shape)} (model: {list(expected[k].shape)})"
                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     problems = [f"{what}: {shorten(keys)}" for what, keys in
-                [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)]
-                if keys]
+                [("missing keys", missing), ("unexpected keys", unexpected),
+                 ("wrong shapes", wrong)] if keys]
     if problems:
         raise ModelLoadError(f"{source} does not match {name} of {config_path}: "
                              + "; ".join(problems))
