@@ -1,0 +1,644 @@
+"""EchoNet data for echolvdm: file lists, video I/O, fps resampling, the latent video dataset, the
+phantom echo world (generator + EF measurement) and three commands.
+
+    python data.py phantom --out data/phantom --num-videos 200 --seed 0     # synthetic EchoNet set
+    python data.py encode --root data/phantom --vae models/vae --gray-scale  # Videos/ -> Latents/
+    python data.py reference --root data/EchoNet-Dynamic --out data/reference/dynamic --frames 128
+
+Follows EchoNet-Synthetic (Reynaud et al., MICCAI 2024): the `Latent` dataset of
+`echosyn/common/datasets.py`, `scripts/encode_video_dataset.py`,
+`scripts/create_reference_dataset.py` and `scripts/complete_pediatrics_filelist.py`.
+Data layout, the phantom world and the differences from the original: notes/README-data.md.
+"""
+
+import argparse
+import csv
+import multiprocessing
+import os
+import pickle
+import shutil
+import sys
+import warnings
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+import model
+
+# --- file lists ----------------------------------------------------------------------------------
+
+
+class DataError(Exception):
+    """Bad input data; the message names the file and what is wrong (main() exits cleanly)."""
+
+
+FILELIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS",
+                    "NumberOfFrames", "Split"]                 # EchoNet-Dynamic's FileList.csv
+VIDEO_COLUMNS = ["FrameHeight", "FrameWidth", "FPS", "NumberOfFrames"]  # Pediatric lacks them
+NUMBER_COLUMNS = {"EF": float, "ESV": float, "EDV": float, "FrameHeight": int, "FrameWidth": int,
+                  "FPS": float, "NumberOfFrames": int, "Fold": int}
+
+
+def _video_path(root, name):
+    return os.path.join(root, "Videos", name + ".avi")
+
+
+def read_filelist(root, probe=True):
+    """Rows of `<root>/FileList.csv` as dicts, numbers parsed, Split in TRAIN/VAL/TEST.
+
+    EchoNet-Pediatric is normalised as the original's `complete_pediatrics_filelist.py` does:
+    Split holds a fold 0..9 -> folds 0-7 TRAIN, 8 VAL, 9 TEST, the fold kept in a `Fold` column,
+    `.avi` stripped from FileName. With `probe`, missing FrameHeight/FrameWidth/FPS/NumberOfFrames
+    are read from `<root>/Videos/<FileName>.avi`; without it they stay None.
+    """
+    path = os.path.join(root, "FileList.csv")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no FileList.csv (expected the EchoNet layout)")
+    with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: tolerate a BOM
+        reader = csv.DictReader(f)
+        missing = [c for c in ("FileName", "EF", "Split") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        raw_rows = list(reader)
+    folds = bool(raw_rows) and all((r["Split"] or "").strip().isdigit() for r in raw_rows)
+    rows = []
+    for line, raw in enumerate(raw_rows, start=2):
+        row = dict.fromkeys(FILELIST_COLUMNS)                  # standard columns first, then extras
+        row.update({k: (v or "").strip() or None for k, v in raw.items() if k is not None})
+        name = row["FileName"] or ""
+        row["FileName"] = name[:-4] if name.lower().endswith(".avi") else name
+        where = f"{path}, line {line} ({row['FileName']})"
+        if folds:
+            row["Fold"] = row["Split"]
+        for column, kind in NUMBER_COLUMNS.items():
+            if row.get(column) is not None:
+                try:
+                    row[column] = kind(float(row[column]))
+                except ValueError:
+                    raise DataError(f"{where}: {column} {row[column]!r} is not a number") from None
+        if folds:
+            if not 0 <= row["Fold"] <= 9:
+                raise DataError(f"{where}: fold {row['Fold']} outside 0..9")
+            row["Split"] = "TRAIN" if row["Fold"] < 8 else "VAL" if row["Fold"] == 8 else "TEST"
+        elif row["Split"] not in ("TRAIN", "VAL", "TEST"):
+            raise DataError(f"{where}: Split {row['Split']!r} is not TRAIN, VAL, TEST or a fold")
+        if row["EF"] is None or not 0 <= row["EF"] <= 100:
+            raise DataError(f"{where}: EF {row['EF']} outside [0, 100]")
+        if probe and any(row[c] is None for c in VIDEO_COLUMNS):
+            row.update(probe_video(_video_path(root, row["FileName"])))
+        rows.append(row)
+    return rows
+
+
+def write_filelist(path, rows):
+    """Write rows (dicts with the same keys) as a FileList.csv; None becomes an empty cell."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else FILELIST_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+    os.replace(tmp, path)
+
+
+# --- video I/O (PyAV) ----------------------------------------------------------------------------
+
+
+def probe_video(path):
+    """FrameHeight, FrameWidth, FPS, NumberOfFrames of a video, from its header when it has them."""
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            n = stream.frames or sum(1 for _ in container.decode(stream))
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate:
+                raise DataError(f"{path}: no frame rate in the video")
+            return {"FrameHeight": stream.height, "FrameWidth": stream.width, "FPS": float(rate),
+                    "NumberOfFrames": n}
+    except (av.error.FFmpegError, IndexError) as e:
+        raise DataError(f"{path}: unreadable video ({e})") from None
+
+
+def read_video(path, size=None):
+    """Decode all frames of a video. Returns (uint8 [F, H, W, 3] RGB, fps); `size` resizes to
+    size x size (ffmpeg's scaler, as decord's `width=height=112` in the original)."""
+    resize = {"width": size, "height": size} if size else {}
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = [f.to_ndarray(format="rgb24", **resize) for f in container.decode(stream)]
+            expected, fps = stream.frames, float(stream.average_rate or stream.guessed_rate or 0)
+    except (av.error.FFmpegError, IndexError) as e:
+        raise DataError(f"{path}: unreadable video ({e})") from None
+    if not frames or len(frames) < expected:
+        raise DataError(f"{path}: truncated video ({len(frames)} of {expected} frames decoded)")
+    return np.stack(frames), fps
+
+
+def _read_frame(path, index, size):
+    """Frame `index` of a video as uint8 [size, size, 3], by seeking (fast for MJPEG AVIs)."""
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            target = (stream.start_time or 0) + round(index / (stream.average_rate
+                                                               * stream.time_base))
+            container.seek(target, stream=stream)
+            for frame in container.decode(stream):
+                if frame.pts is not None and frame.pts >= target:
+                    return frame.to_ndarray(format="rgb24", width=size, height=size)
+    except (av.error.FFmpegError, IndexError, TypeError) as e:
+        raise DataError(f"{path}: unreadable video ({e})") from None
+    raise DataError(f"{path}: no frame {index}")
+
+
+def save_video(path, frames, fps, fmt=None):
+    """Write uint8 frames [F, H, W] (gray) or [F, H, W, 3] (RGB) as `avi` (MJPEG, qscale 1, the
+    original's imageio quality 10), `mp4` (H.264), `gif`, or a `jpg`/`png` frame folder
+    `path/0000.jpg ...` (JPEG quality 100, as the original's `save_as_img`). `fmt` defaults to
+    the extension. Written under a temporary name and renamed, so a killed run leaves no half file.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+        raise ValueError(f"{path}: frames must be uint8 [F, H, W] or [F, H, W, 3], got "
+                         f"{frames.dtype} {list(frames.shape)}")
+    fmt = fmt or os.path.splitext(path)[1].lstrip(".").lower()
+    tmp = path + ".tmp"
+    if fmt in ("jpg", "png"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        options = {"quality": 100} if fmt == "jpg" else {}
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(os.path.join(tmp, f"{i:04d}.{fmt}"), **options)
+        shutil.rmtree(path, ignore_errors=True)
+    elif fmt == "gif":
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=round(1000 / fps), loop=0)
+    elif fmt in ("avi", "mp4"):
+        with av.open(tmp, "w", format=fmt) as container:
+            codec = "mjpeg" if fmt == "avi" else "libx264"
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.height, stream.width = frames.shape[1:3]
+            stream.pix_fmt = "yuvj420p" if fmt == "avi" else "yuv420p"
+            if fmt == "avi":
+                stream.options = {"qmin": "1", "qmax": "1"}
+            pixel_format = "gray" if frames.ndim == 3 else "rgb24"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, pixel_format)))
+            container.mux(stream.encode())
+    else:
+        raise ValueError(f"{path}: unknown video format {fmt!r} (avi, mp4, gif, jpg, png)")
+    os.replace(tmp, path)
+
+
+# --- fps resampling ------------------------------------------------------------------------------
+
+
+def resample_indices(n, fps, target=32, phase=0):
+    """Indices that resample n frames at `fps` to `target` fps, as the original:
+    round(linspace(0, n, floor(target / fps * n), endpoint=False)) + phase, NumPy rounding (half
+    to even). 10 frames at 50 fps -> 6 indices 0, 2, 3, 5, 7, 8. May exceed n - 1 with a phase."""
+    count = int(np.floor(target / fps * n))
+    return np.linspace(0, n, count, endpoint=False).round().astype(np.int64) + phase
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+class LatentVideoDataset(torch.utils.data.Dataset):
+    """Latent echo videos for LVDM training, as the original's `Latent` dataset.
+
+    Reads `<root>/FileList.csv` and `<root>/Latents/<FileName>.pt` ([T, 4, 14, 14], scaled) for
+    every root (concatenated). Keeps `split` videos longer than frames / fps seconds (2 s), as
+    the original; rows without a latent are left out with a warning. An item: the video resampled
+    to `fps` with a random phase, a random window of `frames` resampled frames (zero-padded if
+    shorter), a random conditioning frame from the whole video, EF / 100:
+    {"latents": [frames, 4, 14, 14], "cond": [4, 14, 14], "ef": float32, "n_real": int64,
+    "name": str}. Randomness comes from a generator seeded with (seed, epoch, index), so an item
+    does not depend on worker count or order; call `set_epoch` before each epoch's iterator (it
+    reaches DataLoader workers when they start, so not with `persistent_workers=True`).
+    """
+
+    def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0, latent_shape=(4, 14, 14)):
+        roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+        splits = {split} if isinstance(split, str) else set(split)
+        self.frames, self.fps, self.seed, self.epoch = frames, fps, seed, 0
+        self.latent_shape = tuple(latent_shape)
+        self.items = []                                        # (latent path, fps, EF / 100, name)
+        for root in roots:
+            if not os.path.isdir(os.path.join(root, "Latents")):
+                raise DataError(f"{root}: no Latents/ folder (python data.py encode --root {root})")
+            missing = 0
+            for row in read_filelist(root, probe=False):
+                if row["Split"] not in splits:
+                    continue
+                path = os.path.join(root, "Latents", row["FileName"] + ".pt")
+                if not os.path.isfile(path):
+                    missing += 1
+                    continue
+                if row["FPS"] is None or row["NumberOfFrames"] is None:
+                    raise DataError(f"{root}/FileList.csv: no FPS/NumberOfFrames for {path}")
+                if row["NumberOfFrames"] / row["FPS"] > frames / fps:
+                    self.items.append((path, row["FPS"], row["EF"] / 100, row["FileName"]))
+            if missing:
+                warnings.warn(f"{root}: {missing} {split} videos have no latent and are left out",
+                              stacklevel=2)
+        if not self.items:
+            raise DataError(f"no {split} video longer than {frames / fps:g} s with a latent in "
+                            + ", ".join(map(str, roots)))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, fps, ef, name = self.items[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        try:
+            video = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+            raise DataError(f"{path}: unreadable latent ({e})") from None
+        shape = tuple(getattr(video, "shape", ()))
+        if not isinstance(video, torch.Tensor) or shape[1:] != self.latent_shape or not shape[0]:
+            raise DataError(f"{path}: latent of shape {list(shape)}, expected [T, "
+                            + ", ".join(map(str, self.latent_shape)) + "]")
+        # Draws in the original's order: phase in [0, idx[1]), window start in [0, len - frames),
+        # conditioning frame in [0, T).
+        T = shape[0]
+        idx = resample_indices(T, fps, self.fps)
+        if len(idx) > 1 and idx[1] > 1:
+            idx = idx + rng.integers(0, idx[1])
+        if len(idx) > self.frames:
+            start = rng.integers(0, len(idx) - self.frames)
+            idx = idx[start:start + self.frames]
+        idx = idx[idx < T]                                     # the phase may push the last out
+        latents = torch.zeros(self.frames, *self.latent_shape)
+        latents[:len(idx)] = video[torch.from_numpy(idx)].float()
+        cond = video[int(rng.integers(0, T))].float()
+        return {"latents": latents, "cond": cond, "ef": torch.tensor(ef, dtype=torch.float32),
+                "n_real": torch.tensor(len(idx)), "name": name}
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Single frames of `<root>/Videos/*.avi` for VAE training: item -> float [3, size, size] as
+    x / 128 - 1 (the original's encoder scaling, in [-1, 1)); `gray` repeats the RGB mean."""
+
+    def __init__(self, root, split="TRAIN", size=112, gray=False):
+        splits = {split} if isinstance(split, str) else set(split)
+        rows = [r for r in read_filelist(root) if r["Split"] in splits]
+        if not rows:
+            raise DataError(f"{root}/FileList.csv: no {split} videos")
+        self.paths = [_video_path(root, r["FileName"]) for r in rows]
+        self.starts = np.cumsum([0] + [r["NumberOfFrames"] for r in rows])  # first item per video
+        self.size, self.gray = size, gray
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        video = int(np.searchsorted(self.starts, index, side="right")) - 1
+        frame = _read_frame(self.paths[video], index - int(self.starts[video]), self.size)
+        x = torch.from_numpy(frame).permute(2, 0, 1).float() / 128 - 1     # [3, size, size]
+        return x.mean(0, keepdim=True).repeat(3, 1, 1) if self.gray else x
+
+
+# --- the phantom echo world ----------------------------------------------------------------------
+
+SIZE = 112                  # frame side, px (EchoNet)
+PX_CM = 0.18                # phantom pixel, cm: 112 px span ~20 cm of depth, like an A4C view
+LV_CENTRE = (48.0, 64.0)    # (row, col) of the LV cavity centre, +-2 px per video
+LEVELS = 32                 # contraction levels rendered per video; each frame shows one of them
+
+
+def lv_volume(area, length):
+    """Single-plane area-length LV volume V = 8 A^2 / (3 pi L) = 0.85 A^2 / L, mL from cm^2 and
+    cm (Sandler & Dodge 1968; ASE chamber quantification). For an ellipse with semi-axes a (long)
+    and b: A = pi a b, L = 2 a, so V = 4/3 pi a b^2, the prolate ellipsoid."""
+    return 8 * np.asarray(area) ** 2 / (3 * np.pi * np.maximum(length, 1e-6))
+
+
+def _soft_ellipse(u2, v2, a, b):
+    """1 inside the ellipse u^2/a^2 + v^2/b^2 < 1, 0 outside, with a ~1 px ramp (anti-aliased)."""
+    q = u2 / (a * a) + v2 / (b * b)
+    return np.clip(0.5 + (1 - q) * (np.minimum(a, b) / 2), 0, 1)
+
+
+def phantom_video(rng, n, fps):
+    """One phantom A4C echo of n frames at fps. Returns uint8 [n, 112, 112] and a dict with EF (%),
+    EDV, ESV (mL): the max / min over frames of the rendered cavity's `lv_volume`."""
+    # The heart: LV semi-axes a (long, tilted th from vertical) and b, wall w, in px; EF uniform
+    # in 10-90 %, heart rate uniform in 50-100 bpm, a random point of the cycle at frame 0.
+    ef, bpm = rng.uniform(0.10, 0.90), rng.uniform(50, 100)
+    cy, cx = LV_CENTRE[0] + rng.uniform(-2, 2), LV_CENTRE[1] + rng.uniform(-2, 2)
+    th = np.deg2rad(rng.uniform(6, 14))
+    a_ed, b_ed, w_ed = rng.uniform(24, 28), rng.uniform(11, 14), rng.uniform(4.5, 5.5)
+    # Contraction s (0 end-diastole, 1 end-systole): systole a half cosine over 35 % of the cycle,
+    # rapid filling a half cosine over the next 30 %, then diastasis at s = 0.
+    cycle = (np.arange(n) / fps * bpm / 60 + rng.uniform()) % 1.0
+    s = np.where(cycle < 0.35, 0.5 - 0.5 * np.cos(np.pi * cycle / 0.35),
+                 np.where(cycle < 0.65, 0.5 + 0.5 * np.cos(np.pi * (cycle - 0.35) / 0.3), 0.0))
+    level = np.rint(s * (LEVELS - 1)).astype(np.int64)         # [n] frame -> rendered level
+    s = np.linspace(0, 1, LEVELS)[:, None, None]                # [L, 1, 1]
+    # Volume (1 - EF)^s * EDV: the long axis takes 1/6 of the log-shortening, the short axis 5/12
+    # (twice, V ~ a b^2), so the cavity at s = 1 holds exactly (1 - EF) * EDV.
+    a, b = a_ed * (1 - ef) ** (s / 6), b_ed * (1 - ef) ** (5 * s / 12)
+    w = w_ed * (1 + 0.4 * s)                                   # the wall thickens in systole
+    volume = lv_volume(np.pi * a * b * PX_CM**2, 2 * a * PX_CM).ravel()[level]     # [n] mL
+    a, b, w, s = (x.astype(np.float32) for x in (a, b, w, s))
+
+    # Geometry: an 80-degree fan from a probe 4 px above the top centre, black outside.
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    depth, angle = np.hypot(yy + 4, xx - 55.5), np.arctan2(xx - 55.5, yy + 4)
+    fan = np.clip((np.deg2rad(40) - np.abs(angle)) * depth, 0, 1) * np.clip(110 - depth, 0, 1)
+    gain = (1.1 - 0.35 * depth / SIZE) * fan                   # deeper is darker
+    cos, sin = np.cos(th), np.sin(th)
+
+    def axes(py, px):                                          # coordinates along / across the LV
+        dy, dx = yy - py, xx - px
+        u, v = dy * cos + dx * sin, -dy * sin + dx * cos
+        return u, v, u * u, v * v
+
+    # Chambers [L, H, W]: the LV; the RV to its left (septum = both walls), shrinking 20 %; the
+    # atria below, growing 12 % in systole. The walls are closed rings, so the LV cavity is one
+    # dark blob surrounded by bright wall.
+    u, v, u2, v2 = axes(cy, cx)
+    rv_x, rv_b, base = cx - (b_ed + w_ed + 0.8 * b_ed + 1), 0.8 * b_ed, cy + a_ed + w_ed + 10
+    _, _, ru2, rv2 = axes(cy + 4, rv_x)
+    _, _, lu2, lv2 = axes(base, cx + 5)
+    _, _, tu2, tv2 = axes(base + 2, rv_x - 3)
+    k_rv, k_a = 1 - 0.2 * s, 1 + 0.12 * s
+    wall = np.maximum.reduce([_soft_ellipse(u2, v2, a + w, b + w),
+                              _soft_ellipse(ru2, rv2, 0.8 * a_ed * k_rv + 3.5, rv_b * k_rv + 3.5),
+                              _soft_ellipse(lu2, lv2, 9 * k_a + 3, 11 * k_a + 3),
+                              _soft_ellipse(tu2, tv2, 8 * k_a + 3, 9 * k_a + 3)])
+    cavity = np.maximum.reduce([_soft_ellipse(u2, v2, a, b),
+                                _soft_ellipse(ru2, rv2, 0.8 * a_ed * k_rv, rv_b * k_rv),
+                                _soft_ellipse(lu2, lv2, 9 * k_a, 11 * k_a),
+                                _soft_ellipse(tu2, tv2, 8 * k_a, 9 * k_a)])
+
+    # Gray levels: tissue, patchy bright myocardium, dark blood; blurred by the scanner's PSF.
+    tissue, myo, blood = rng.uniform(35, 55), rng.uniform(140, 190), rng.uniform(4, 12)
+    patchy = np.clip(1 + 2 * ndimage.gaussian_filter(rng.standard_normal((SIZE, SIZE)), 6),
+                     0.85, 1.15).astype(np.float32)
+    img = tissue + (myo * patchy - tissue) * wall
+    img += (blood - img) * cavity
+    img = ndimage.gaussian_filter(img, (0, 0.7, 0.7))
+    # Speckle: a fixed Rayleigh texture (|complex Gaussian|, elongated across the beam) carried
+    # along by the LV motion near the heart, so it moves with the wall instead of sliding over it.
+    speckle = np.abs(rng.standard_normal((SIZE, SIZE), dtype=np.float32)
+                     + 1j * rng.standard_normal((SIZE, SIZE), dtype=np.float32))
+    speckle = ndimage.gaussian_filter(speckle, (0.6, 1.2))
+    near = np.clip(2 - np.sqrt(u2 / (a + w) ** 2 + v2 / (b + w) ** 2), 0, 1)
+    su, sv = u * (1 + near * (a_ed / a - 1)), v * (1 + near * (b_ed / b - 1))
+    speckle = ndimage.map_coordinates(speckle / speckle.mean(), [cy + su * cos - sv * sin,
+                                                                 cx + su * sin + sv * cos],
+                                      order=1, mode="reflect")
+    img *= (0.55 + 0.45 * speckle) * gain
+    # Frames pick their level; a little fresh noise in every frame.
+    frames = img[level] + rng.standard_normal((n, SIZE, SIZE), dtype=np.float32) * (3 * fan)
+    edv, esv = float(volume.max()), float(volume.min())
+    return np.clip(frames, 0, 255).astype(np.uint8), {"EF": 100 * (edv - esv) / edv,
+                                                       "EDV": edv, "ESV": esv}
+
+
+def _phantom_job(job):
+    """Render and write phantom video `index`; its generator is seeded with (seed, index)."""
+    out, seed, index, split = job
+    rng = np.random.default_rng([seed, index])
+    n, fps = int(rng.integers(112, 251)), int(rng.integers(45, 56))   # 2.04-5.6 s at ~50 fps:
+    # every video outlasts the 2 s (64 frames at 32 fps) that LatentVideoDataset asks for
+    frames, truth = phantom_video(rng, n, fps)
+    name = f"phantom_{index:05d}"
+    save_video(_video_path(out, name), frames, fps)
+    return {"FileName": name, "EF": round(truth["EF"], 4), "ESV": round(truth["ESV"], 4),
+            "EDV": round(truth["EDV"], 4), "FrameHeight": SIZE, "FrameWidth": SIZE, "FPS": fps,
+            "NumberOfFrames": n, "Split": split}
+
+
+def make_phantom(out, num_videos=200, seed=0, workers=1):
+    """Write an EchoNet-layout phantom dataset (`Videos/*.avi` + `FileList.csv`); 80/10/10 split.
+    The same seed gives identical files whatever the worker count. Returns the FileList rows."""
+    os.makedirs(os.path.join(out, "Videos"), exist_ok=True)
+    n_val = n_test = round(0.1 * num_videos)
+    splits = np.array(["TRAIN"] * (num_videos - n_val - n_test) + ["VAL"] * n_val
+                      + ["TEST"] * n_test)[np.random.default_rng(seed).permutation(num_videos)]
+    jobs = [(out, seed, i, str(split)) for i, split in enumerate(splits)]
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            rows = list(tqdm(pool.imap(_phantom_job, jobs), total=num_videos, desc="phantom"))
+    else:
+        rows = [_phantom_job(job) for job in tqdm(jobs, desc="phantom")]
+    write_filelist(os.path.join(out, "FileList.csv"), rows)
+    return rows
+
+
+# --- EF measurement of phantom videos ------------------------------------------------------------
+
+_SLICE = np.zeros((3, 3, 3), bool)                             # 4-connected within a frame,
+_SLICE[1] = ndimage.generate_binary_structure(2, 1)            # never across frames
+_DISK = (np.hypot(*np.mgrid[-2:3, -2:3]) <= 2)[None]           # [1, 5, 5] radius-2 disk
+
+
+def measure_ef(frames, centre=LV_CENTRE, px_cm=PX_CM):
+    """EF of a phantom-like video from its LV cavity: uint8 [F, H, W] or [F, H, W, 3] ->
+    {"ef": %, "edv": mL, "esv": mL, "areas": [F] cm^2, "volumes": [F] mL (NaN: no blob)}.
+
+    Per frame: smooth (Gaussian, 1 px), threshold halfway between the dark (5th percentile) and
+    bright (95th) levels of the video around the LV, cut thin bridges (opening with a radius-2
+    disk), keep the dark blob that covers most of a 6 px disk at `centre`, grow it back inside
+    the dark mask, fill holes. Volume = `lv_volume` with A = area and L = the long axis of the
+    blob's ellipse of inertia (4 sqrt(largest eigenvalue of its pixel covariance)), exactly the
+    generator's definition; a 3-frame median; EDV = max, ESV = min; frames with no blob ignored.
+    Relative levels, not the generator's gray values, so blurred or noisy model videos work too.
+    """
+    x = np.asarray(frames)
+    x = x.mean(-1, dtype=np.float32) if x.ndim == 4 else x.astype(np.float32)
+    x = ndimage.gaussian_filter(x, (0, 1, 1))                  # [F, H, W]
+    F, H, W = x.shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    roi = ((yy - centre[0]) / 34) ** 2 + ((xx - centre[1]) / 22) ** 2 < 1
+    seed = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 36
+    lo, hi = np.percentile(x[:, roi], [5, 95])
+    dark = x < (lo + hi) / 2
+    labels, n = ndimage.label(ndimage.binary_opening(dark, _DISK), _SLICE)  # [F, H, W]
+    in_seed = labels[:, seed]                                  # [F, P] labels under the seed disk
+    counts = np.bincount(in_seed.ravel(), minlength=n + 1)
+    counts[0] = 0
+    keep = np.zeros(n + 1, bool)
+    keep[in_seed[np.arange(F), counts[in_seed].argmax(1)]] = True     # best blob of each frame
+    keep[0] = False
+    blob = ndimage.binary_dilation(keep[labels], _DISK) & dark
+    blob = np.stack([ndimage.binary_fill_holes(frame) for frame in blob])
+    # Area and the long axis of the ellipse of inertia per frame (pixel variance 1/12 removed).
+    basis = np.stack([np.ones_like(yy), yy, xx, yy * yy, xx * xx, yy * xx]).reshape(6, -1)
+    area, my, mx, myy, mxx, mxy = (blob.reshape(F, -1).astype(np.float64) @ basis.T).T
+    with np.errstate(invalid="ignore", divide="ignore"):              # area 0 -> NaN: no blob
+        my, mx = my / area, mx / area
+        cyy, cxx, cxy = myy / area - my**2, mxx / area - mx**2, mxy / area - my * mx
+        top = (cyy + cxx) / 2 + np.sqrt(((cyy - cxx) / 2) ** 2 + cxy**2)
+        length = 4 * np.sqrt(np.maximum(top - 1 / 12, 0))
+        volumes = lv_volume(area * px_cm**2, length * px_cm)
+    found = volumes[np.isfinite(volumes)]
+    smooth = ndimage.median_filter(found, 3, mode="nearest") if found.size else np.full(1, np.nan)
+    edv, esv = float(smooth.max()), float(smooth.min())
+    return {"ef": 100 * (edv - esv) / edv, "edv": edv, "esv": esv, "areas": area * px_cm**2,
+            "volumes": volumes}
+
+
+def ef_adherence(requested, measured):
+    """How well videos follow the EF they were asked for: Pearson r and mean absolute error (EF
+    points) over the pairs where both are finite; n = number of such pairs."""
+    requested, measured = np.asarray(requested, float), np.asarray(measured, float)
+    ok = np.isfinite(requested) & np.isfinite(measured)
+    requested, measured = requested[ok], measured[ok]
+    r = float(np.corrcoef(requested, measured)[0, 1]) if ok.sum() > 1 else float("nan")
+    mae = float(np.abs(requested - measured).mean()) if ok.any() else float("nan")
+    return {"pearson_r": r, "mae": mae, "n": int(ok.sum())}
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
+    """Real reference frame folders for the metrics, as the original's
+    `create_reference_dataset.py` (reference/metrics.md 10.1). Returns the number of folders."""
+    num_videos = num_videos or {16: 3125, 128: 2048}.get(frames)
+    if num_videos is None:
+        raise DataError(f"--frames {frames}: the original only has 16 and 128; give --num-videos")
+    rows = read_filelist(root)
+    # pandas' sample(frac=1, random_state=42) is RandomState(42).choice(n, n, replace=False),
+    # which is RandomState(42).permutation(n).
+    order = np.random.RandomState(42).permutation(len(rows))
+    written = 0
+    for i in tqdm(order, desc="reference"):
+        row = rows[i]
+        if row["NumberOfFrames"] / row["FPS"] < frames / fps or row["Split"] != "TRAIN":
+            continue                            # too short (< frames / 32 s), or not TRAIN
+        folder = os.path.join(out, row["FileName"])
+        if not (os.path.isdir(folder) and len(os.listdir(folder)) == frames):  # done earlier
+            idx = resample_indices(row["NumberOfFrames"], row["FPS"], fps)[:frames]
+            path = _video_path(root, row["FileName"])
+            video, _ = read_video(path, size=SIZE)
+            if idx[-1] >= len(video):
+                raise DataError(f"{path}: {len(video)} frames, FileList says "
+                                f"{row['NumberOfFrames']}")
+            # Gray: float32 mean over RGB, clamped, cast to uint8 (truncating), as 3 channels.
+            gray = video[idx].astype(np.float32).mean(-1).clip(0, 255).astype(np.uint8)
+            save_video(folder, np.repeat(gray[..., None], 3, axis=-1), fps, "jpg")
+        written += 1
+        if written == num_videos:
+            break
+    if written < num_videos:
+        print(f"WARNING: only {written} TRAIN videos of at least {frames / fps:g} s in {root}, "
+              f"fewer than the target {num_videos}")
+    return written
+
+
+def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="cpu", seed=0):
+    """Encode `<root>/Videos` to `<out>/Latents/<FileName>.pt` [T, 4, h, w] (scaled latents) and
+    write the normalised FileList to `<out>`, as the original's `encode_video_dataset.py`.
+    Existing latents are skipped; unreadable videos are skipped and returned as messages."""
+    out = out or root
+    rows = read_filelist(root, probe=False)
+    try:
+        vae = model.load_model(vae_path).to(device).eval()
+    except model.ModelLoadError as e:
+        raise DataError(str(e)) from None
+    os.makedirs(os.path.join(out, "Latents"), exist_ok=True)
+    failed = []
+    for i, row in enumerate(tqdm(rows, desc="encode")):
+        src = _video_path(root, row["FileName"])
+        dst = os.path.join(out, "Latents", row["FileName"] + ".pt")
+        try:
+            if os.path.exists(dst):                            # finished by an earlier run
+                if any(row[c] is None for c in VIDEO_COLUMNS):
+                    row.update(probe_video(src))
+                continue
+            video, fps = read_video(src)                       # [T, H, W, 3]
+        except DataError as e:
+            failed.append(str(e))
+            continue
+        found = {"FrameHeight": video.shape[1], "FrameWidth": video.shape[2], "FPS": fps,
+                 "NumberOfFrames": len(video)}
+        row.update({c: found[c] for c in VIDEO_COLUMNS if row[c] is None})
+        # Frames x / 128 - 1 (gray: RGB mean repeated), posterior *samples* times the scaling
+        # factor, batch_size frames per VAE call; one generator per video, seeded (seed, index).
+        x = torch.from_numpy(video).to(device).permute(0, 3, 1, 2).float() / 128 - 1
+        if gray:
+            x = x.mean(1, keepdim=True).repeat(1, 3, 1, 1)
+        generator = torch.Generator(device).manual_seed(
+            int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+        with torch.no_grad():
+            latents = []
+            for j in range(0, len(x), batch_size):
+                posterior = vae.encode(x[j:j + batch_size])
+                latents.append(posterior.sample(generator=generator).cpu())
+        latents = torch.cat(latents) * vae.config.scaling_factor
+        torch.save(latents, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+    filelist = os.path.join(out, "FileList.csv")
+    backup = os.path.join(root, "FileList_ORIGINAL.csv")
+    if os.path.samefile(root, out) and not os.path.exists(backup):
+        shutil.copyfile(filelist, backup)                      # as complete_pediatrics_filelist
+    write_filelist(filelist, rows)
+    return failed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("phantom", help="write a synthetic EchoNet-layout echo dataset")
+    p.add_argument("--out", default="data/phantom", help="output folder (default: %(default)s)")
+    p.add_argument("--num-videos", type=int, default=200, help="videos (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes (default: all CPUs, %(default)s); the files do not depend on it")
+
+    p = commands.add_parser("encode", help="encode Videos/ to Latents/ with a VAE")
+    p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
+    p.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
+    p.add_argument("--out", default=None, help="where Latents/ and FileList.csv go (default: root)")
+    p.add_argument("--gray-scale", action="store_true", help="average RGB, as the original's -g")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="frames per VAE call (default: %(default)s, the original's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (default: 0)")
+
+    p = commands.add_parser("reference", help="real reference frame folders for the metrics")
+    p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
+    p.add_argument("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
+    p.add_argument("--frames", type=int, default=128,
+                   help="frames per video: 128 (Dynamic) or 16 (Pediatric) (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=32, help="resampling fps (default: %(default)s)")
+    p.add_argument("--num-videos", type=int, default=None,
+                   help="videos to write (default: 2048 for 128 frames, 3125 for 16)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "phantom":
+            rows = make_phantom(args.out, args.num_videos, args.seed, args.workers)
+            print(f"wrote {len(rows)} phantom videos and FileList.csv to {args.out}")
+        elif args.command == "encode":
+            failed = encode_videos(args.root, args.vae, args.out, args.gray_scale,
+                                   args.batch_size, args.device, args.seed)
+            if failed:
+                print(f"{len(failed)} videos failed and were skipped:", *failed, sep="\n  ")
+                sys.exit(1)
+        else:
+            written = make_reference(args.root, args.out, args.frames, args.fps, args.num_videos)
+            print(f"{written} reference videos in {args.out}")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
