@@ -1,0 +1,827 @@
+"""Tests of evaluate.py: the maths, the detectors against independent ports, the converter on
+TorchScript files made here, and the StyleGAN-V protocol on small folders. CPU, random weights.
+"""
+
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import evaluate as E  # noqa: E402
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def randomize_bn_(model, seed):
+    """Distinct random BN vectors (beta, mean, var) in our module, for mapping tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.ndim == 1 and name.rsplit(".", 1)[-1] in ("beta", "mean", "var", "bias"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    return model
+
+
+def calibrate_(model, x, seed, **kwargs):
+    """Random BN scales and shifts, then BN statistics measured on `x` (one forward in train
+    mode). Without this a deep random ReLU network maps every input to nearly the same output
+    (measured: 3e-7 apart on a scale of 0.4), and a wrong weight mapping or resize goes unseen."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            m.momentum = 1.0                                # running stats := batch stats
+        model.train()(x, **kwargs)
+    return model.eval()
+
+
+def write_frames(folder, frames, ext="png"):
+    """frames: uint8 [T, H, W, C] (C = 3) or [T, H, W] -> folder/0000.<ext> ..."""
+    os.makedirs(folder, exist_ok=True)
+    for i, f in enumerate(frames):
+        PIL.Image.fromarray(f).save(os.path.join(folder, f"{i:04d}.{ext}"), quality=95)
+
+
+def coded_video(folder, video_id, n, size=16):
+    """Frames whose pixels say which they are: R = video id, G = frame index (lossless png)."""
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    frames[..., 0] = video_id
+    frames[..., 1] = np.arange(n)[:, None, None]
+    write_frames(folder, frames)
+
+
+def noise_video(folder, n, seed, size=112):
+    write_frames(folder, np.random.default_rng(seed).integers(
+        0, 256, (n, size, size, 3), dtype=np.uint8), ext="jpg")
+
+
+class Spy(nn.Module):
+    """A cheap stand-in detector that records what it is fed; features from the pixels."""
+    weights_sha256 = "spy"
+    resize_mode = "bilinear"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, **kwargs):
+        self.seen.append((x.clone(), kwargs))
+        f = x.float().flatten(2).mean(2)                        # (b, C) or clip (b, C)
+        f = torch.cat([f, x.float().flatten(1)[:, :5] / 255], 1)
+        return F.softmax(f, 1) if kwargs.get("no_output_bias") else f
+
+
+@pytest.fixture(scope="session")
+def tv_inception():
+    """A torchvision-layout Inception (class below) with calibrated random weights."""
+    torch.manual_seed(0)
+    port = calibrate_(TVInception(), torch.rand(1, 3, 299, 299) * 2 - 1, 1)
+    with torch.no_grad():
+        port.fc.weight.mul_(0.01)               # IS: keep every probability above float32 zero
+    return port
+
+
+@pytest.fixture(scope="session")
+def ports():
+    """piergiaj- and hassony2-layout I3Ds (classes below) with calibrated random weights."""
+    torch.manual_seed(5)
+    clip = torch.rand(1, 3, 9, 224, 224) * 2 - 1
+    return {"piergiaj": calibrate_(PiergiajI3D(), clip, 6, return_features=True),
+            "hassony2": calibrate_(HassonyI3D(), clip, 7, return_features=True)}
+
+
+@pytest.fixture(scope="session")
+def detectors(tmp_path_factory, tv_inception, ports):
+    """A --detectors folder with those random weights, as `convert` would write it."""
+    folder = tmp_path_factory.mktemp("detectors")
+    for sd, name, meta in [(E.inception_state_dict_from(tv_inception.state_dict()),
+                            E.INCEPTION_FILE, {}),
+                           (E.i3d_state_dict_from(ports["piergiaj"].state_dict()), E.I3D_FILE,
+                            {"resize_mode": "bilinear"})]:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name), meta)
+    return str(folder)
+
+
+def run_cli(capsys, *args):
+    """`python evaluate.py ...`, in this process; returns the JSON records it printed."""
+    capsys.readouterr()
+    E.main(args)
+    out = capsys.readouterr().out
+    assert "\nmetric " in out                                  # the table after the JSON
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+# --- maths -----------------------------------------------------------------------------------
+
+def tf1_resize_numpy(img, out_h, out_w):
+    """TF1 legacy resize_bilinear written from its rule: source = out * (in / out),
+    lower = floor, upper = min(lower + 1, in - 1), linear weights from the fraction."""
+    C, H, W = img.shape
+
+    def axis(n_in, n_out):
+        src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+
+    y0, y1, dy = axis(H, out_h)
+    x0, x1, dx = axis(W, out_w)
+    img = img.astype(np.float64)
+    top = img[:, y0][:, :, x0] + (img[:, y0][:, :, x1] - img[:, y0][:, :, x0]) * dx
+    bot = img[:, y1][:, :, x0] + (img[:, y1][:, :, x1] - img[:, y1][:, :, x0]) * dx
+    return top + (bot - top) * dy[:, None]
+
+
+@pytest.mark.parametrize("h,w,out", [(112, 112, 299), (37, 53, 299), (299, 299, 299),
+                                     (112, 112, 224)])
+def test_tf1_resize_matches_legacy_rule(h, w, out):
+    img = np.random.default_rng(0).integers(0, 256, (3, h, w)).astype(np.float32)
+    ours = E.tf1_resize(torch.from_numpy(img)[None], out, out)[0].numpy()
+    ref = tf1_resize_numpy(img, out, out)
+    assert np.abs(ours - ref).max() < 1e-2    # on 0..255: float32 grid coordinates, ~1e-5 px
+    if out == 299 and h == 112:                           # and not the other common rules
+        other = F.interpolate(torch.from_numpy(img)[None], (out, out), mode="bilinear")
+        assert np.abs(other[0].numpy() - ref).max() > 1
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    v1, v2 = rng.uniform(0.5, 2, 8), rng.uniform(0.5, 2, 8)
+    expect = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert E.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expect,
+                                                                                   rel=1e-10)
+    a = rng.normal(size=(8, 8))
+    sigma = a @ a.T
+    assert abs(E.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-8
+    # commuting covariances: sigma and sigma^2 share eigenvectors
+    expect = np.trace(sigma + sigma @ sigma - 2 * scipy.linalg.sqrtm(sigma @ sigma @ sigma))
+    assert E.frechet_distance(mu1, sigma, mu1, sigma @ sigma) == pytest.approx(expect, rel=1e-8)
+
+
+def test_frechet_distance_equals_stylegan_v_formula():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(300, 64)), rng.normal(0.3, 1.2, size=(200, 64)) ** 2
+    mus = [x.mean(0) for x in (fake, real)]
+    sigmas = [x.T @ x / len(x) - np.outer(m, m) for x, m in zip((fake, real), mus)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = scipy.linalg.sqrtm(np.dot(sigmas[0], sigmas[1]), disp=False)   # their call
+    s = s[0] if isinstance(s, tuple) else s
+    ref = float(np.real(np.square(mus[0] - mus[1]).sum() + np.trace(sigmas[0] + sigmas[1]
+                                                                     - s * 2)))
+    assert E.frechet_distance(mus[0], sigmas[0], mus[1], sigmas[1]) == pytest.approx(ref,
+                                                                                     rel=1e-12)
+
+
+def test_mean_cov_is_biased_and_from_raw_moments():
+    x = np.random.default_rng(2).normal(2.0, 1.0, size=(50, 6))
+    s1, s2 = x.sum(0), x.T @ x
+    mu, sigma = E.mean_cov(s1, s2, len(x))
+    assert np.allclose(mu, x.mean(0), rtol=1e-14)
+    assert np.allclose(sigma, np.cov(x, rowvar=False, bias=True), atol=1e-12)
+    assert not np.allclose(sigma, np.cov(x, rowvar=False), atol=1e-6)      # not n - 1
+
+
+def test_inception_score_equals_stylegan_v_formula():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(16, 0.3), size=47000).astype(np.float32)
+    probs = np.maximum(probs, 1e-12) / np.maximum(probs, 1e-12).sum(1, keepdims=True)
+    num_gen, splits, scores = 50000, 10, []
+    for i in range(splits):                              # bounds on 50 000, not on 47 000
+        part = probs[i * num_gen // splits: (i + 1) * num_gen // splits]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    assert E.inception_score(probs) == (float(np.mean(scores)), float(np.std(scores)))
+    assert np.isnan(E.inception_score(probs[:44000])[0])       # last split empty, as there
+
+
+# --- Inception-v3 against an independent torchvision-layout port ------------------------------
+
+class TVConv(nn.Module):
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class TVBlock(nn.Module):
+    """pytorch-fid's FID Inception blocks: branches named as torchvision names them."""
+
+    def __init__(self, kind, cin, arg=None):
+        super().__init__()
+        self.kind, self.arg = kind, arg
+        c = TVConv
+        if kind == "A":
+            self.branch1x1, self.branch5x5_1 = c(cin, 64, kernel_size=1), c(cin, 48, kernel_size=1)
+            self.branch5x5_2 = c(48, 64, kernel_size=5, padding=2)
+            self.branch3x3dbl_1 = c(cin, 64, kernel_size=1)
+            self.branch3x3dbl_2 = c(64, 96, kernel_size=3, padding=1)
+            self.branch3x3dbl_3 = c(96, 96, kernel_size=3, padding=1)
+            self.branch_pool = c(cin, arg, kernel_size=1)
+        elif kind == "B":
+            self.branch3x3 = c(cin, 384, kernel_size=3, stride=2)
+            self.branch3x3dbl_1 = c(cin, 64, kernel_size=1)
+            self.branch3x3dbl_2 = c(64, 96, kernel_size=3, padding=1)
+            self.branch3x3dbl_3 = c(96, 96, kernel_size=3, stride=2)
+        elif kind == "C":
+            r = dict(kernel_size=(1, 7), padding=(0, 3))
+            k = dict(kernel_size=(7, 1), padding=(3, 0))
+            self.branch1x1 = c(cin, 192, kernel_size=1)
+            self.branch7x7_1, self.branch7x7_2 = c(cin, arg, kernel_size=1), c(arg, arg, **r)
+            self.branch7x7_3 = c(arg, 192, **k)
+            self.branch7x7dbl_1, self.branch7x7dbl_2 = c(cin, arg, kernel_size=1), c(arg, arg, **k)
+            self.branch7x7dbl_3, self.branch7x7dbl_4 = c(arg, arg, **r), c(arg, arg, **k)
+            self.branch7x7dbl_5 = c(arg, 192, **r)
+            self.branch_pool = c(cin, 192, kernel_size=1)
+        elif kind == "D":
+            self.branch3x3_1 = c(cin, 192, kernel_size=1)
+            self.branch3x3_2 = c(192, 320, kernel_size=3, stride=2)
+            self.branch7x7x3_1 = c(cin, 192, kernel_size=1)
+            self.branch7x7x3_2 = c(192, 192, kernel_size=(1, 7), padding=(0, 3))
+            self.branch7x7x3_3 = c(192, 192, kernel_size=(7, 1), padding=(3, 0))
+            self.branch7x7x3_4 = c(192, 192, kernel_size=3, stride=2)
+        else:
+            self.branch1x1 = c(cin, 320, kernel_size=1)
+            self.branch3x3_1 = c(cin, 384, kernel_size=1)
+            self.branch3x3_2a = c(384, 384, kernel_size=(1, 3), padding=(0, 1))
+            self.branch3x3_2b = c(384, 384, kernel_size=(3, 1), padding=(1, 0))
+            self.branch3x3dbl_1 = c(cin, 448, kernel_size=1)
+            self.branch3x3dbl_2 = c(448, 384, kernel_size=3, padding=1)
+            self.branch3x3dbl_3a = c(384, 384, kernel_size=(1, 3), padding=(0, 1))
+            self.branch3x3dbl_3b = c(384, 384, kernel_size=(3, 1), padding=(1, 0))
+            self.branch_pool = c(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        avg = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        if self.kind == "A":
+            d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), d,
+                              self.branch_pool(avg)], 1)
+        if self.kind == "B":
+            d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return torch.cat([self.branch3x3(x), d, F.max_pool2d(x, 3, 2)], 1)
+        if self.kind == "C":
+            a = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            d = self.branch7x7dbl_1(x)
+            for m in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                      self.branch7x7dbl_5):
+                d = m(d)
+            return torch.cat([self.branch1x1(x), a, d, self.branch_pool(avg)], 1)
+        if self.kind == "D":
+            a = self.branch3x3_2(self.branch3x3_1(x))
+            d = self.branch7x7x3_1(x)
+            for m in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+                d = m(d)
+            return torch.cat([a, d, F.max_pool2d(x, 3, 2)], 1)
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = avg if self.arg == "avg" else F.max_pool2d(x, 3, 1, 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+                          self.branch_pool(pool)], 1)
+
+
+class TVInception(nn.Module):
+    """Features of a 299x299 input already scaled to [-1, 1] (pytorch-fid's FIDInceptionV3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = TVConv(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = TVConv(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = TVConv(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = TVConv(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = TVConv(80, 192, kernel_size=3)
+        blocks = [("5b", "A", 192, 32), ("5c", "A", 256, 64), ("5d", "A", 288, 64),
+                  ("6a", "B", 288, None), ("6b", "C", 768, 128), ("6c", "C", 768, 160),
+                  ("6d", "C", 768, 160), ("6e", "C", 768, 192), ("7a", "D", 768, None),
+                  ("7b", "E", 1280, "avg"), ("7c", "E", 2048, "max")]
+        for name, kind, cin, arg in blocks:
+            setattr(self, f"Mixed_{name}", TVBlock(kind, cin, arg))
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
+        x = F.max_pool2d(x, 3, 2)
+        for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
+            x = getattr(self, f"Mixed_{name}")(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def test_inception_matches_torchvision_layout_port(tv_inception):
+    """Same random weights (with BN scales to fold) -> same 2048-d features and IS logits."""
+    port = tv_inception
+    ours = E.InceptionV3().eval()
+    ours.load_state_dict(E.inception_state_dict_from(port.state_dict()))
+    img = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = port((E.tf1_resize(img.float(), 299, 299) - 128) / 128)
+        feats = ours(img, return_features=True)
+        probs = ours(img, no_output_bias=True)
+    assert (feats - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert torch.allclose(probs, F.softmax(ref @ port.fc.weight.T, 1), atol=1e-6)
+
+
+# --- I3D against hassony2- and piergiaj-style ports, and the converter ------------------------
+
+MIXED = [("3b", 192, [64, 96, 128, 16, 32, 32]), ("3c", 256, [128, 128, 192, 32, 96, 64]),
+         ("4b", 480, [192, 96, 208, 16, 48, 64]), ("4c", 512, [160, 112, 224, 24, 64, 64]),
+         ("4d", 512, [128, 128, 256, 24, 64, 64]), ("4e", 512, [112, 144, 288, 32, 64, 64]),
+         ("4f", 528, [256, 160, 320, 32, 128, 128]), ("5b", 832, [256, 160, 320, 32, 128, 128]),
+         ("5c", 832, [384, 192, 384, 48, 128, 128])]
+POOL_AFTER = {"3c": ((3, 3, 3), (2, 2, 2)), "4f": ((2, 2, 2), (2, 2, 2))}
+
+
+class PUnit(nn.Module):
+    """piergiaj-style unit: TF SAME padding computed at run time from the input size."""
+
+    def __init__(self, cin: int, cout: int, k=(1, 1, 1), s=(1, 1, 1), bn: bool = True):
+        super().__init__()
+        self.k, self.s, self.use_bn = list(k), list(s), bn
+        self.conv3d = nn.Conv3d(cin, cout, k, s, bias=not bn)
+        self.bn = nn.BatchNorm3d(cout, eps=1e-3, momentum=0.01) if bn else nn.Identity()
+
+    def forward(self, x):
+        x = F.conv3d(same_pads(x, self.k, self.s, 0.0), self.conv3d.weight, self.conv3d.bias,
+                     self.s)
+        return F.relu(self.bn(x)) if self.use_bn else x
+
+
+def same_pads(x, k: list[int], s: list[int], value: float):
+    pads: list[int] = []
+    for d in [4, 3, 2]:
+        n, kk, ss = x.shape[d], k[d - 2], s[d - 2]
+        total = max(kk - ss, 0) if n % ss == 0 else max(kk - n % ss, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+class PPool(nn.Module):
+    def __init__(self, k, s):
+        super().__init__()
+        self.k, self.s = list(k), list(s)
+
+    def forward(self, x):
+        return F.max_pool3d(same_pads(x, self.k, self.s, 0.0), self.k, self.s)
+
+
+class PMixed(nn.Module):
+    def __init__(self, cin, c):
+        super().__init__()
+        self.b0, self.b1a = PUnit(cin, c[0]), PUnit(cin, c[1])
+        self.b1b, self.b2a = PUnit(c[1], c[2], (3, 3, 3)), PUnit(cin, c[3])
+        self.b2b, self.b3a = PUnit(c[3], c[4], (3, 3, 3)), PPool((3, 3, 3), (1, 1, 1))
+        self.b3b = PUnit(cin, c[5])
+
+    def forward(self, x):
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)),
+                          self.b3b(self.b3a(x))], 1)
+
+
+class PiergiajI3D(nn.Module):
+    """Names as piergiaj/pytorch-i3d (`Mixed_4f.b2b.conv3d.weight`, `.bn.running_var`,
+    `logits.conv3d`), the TorchScript call, resize = trilinear with align_corners=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv3d_1a_7x7 = PUnit(3, 64, (7, 7, 7), (2, 2, 2))
+        self.MaxPool3d_2a_3x3 = PPool((1, 3, 3), (1, 2, 2))
+        self.Conv3d_2b_1x1 = PUnit(64, 64)
+        self.Conv3d_2c_3x3 = PUnit(64, 192, (3, 3, 3))
+        self.MaxPool3d_3a_3x3 = PPool((1, 3, 3), (1, 2, 2))
+        for name, cin, c in MIXED:
+            setattr(self, f"Mixed_{name}", PMixed(cin, c))
+            if name in POOL_AFTER:
+                setattr(self, f"MaxPool3d_{'4a_3x3' if name == '3c' else '5a_2x2'}",
+                        PPool(*POOL_AFTER[name]))
+        self.logits = PUnit(1024, 400, bn=False)
+
+    def forward(self, x, rescale: bool = False, resize: bool = False,
+                return_features: bool = False):
+        x = x.float()
+        if rescale:
+            x = x / 255 * 2 - 1
+        if resize:
+            x = F.interpolate(x, size=[x.shape[2], 224, 224], mode="trilinear",
+                              align_corners=True)
+        for name, m in self.named_children():
+            if name != "logits":
+                x = m(x)
+        x = self.logits(F.avg_pool3d(x, (2, 7, 7), 1)).squeeze(3).squeeze(3).mean(2)
+        return x if return_features else F.softmax(x, 1)
+
+
+class HUnit(nn.Module):
+    """hassony2-style unit: symmetric SAME pads inside Conv3d, otherwise one ConstantPad3d
+    per residue of T mod the temporal stride, chosen at run time (H, W divisible)."""
+
+    def __init__(self, cin, cout, k=(1, 1, 1), s=(1, 1, 1), bn=True):
+        super().__init__()
+        self.use_bn, self.st = bn, s[0]
+        pads = [[max(k[0] - (r if r else s[0]), 0), max(k[1] - s[1], 0), max(k[2] - s[2], 0)]
+                for r in range(s[0])]
+        self.sym = all(p % 2 == 0 for p in pads[0]) and s[0] == 1
+        self.pads = nn.ModuleList(nn.ConstantPad3d((p[2] // 2, p[2] - p[2] // 2, p[1] // 2,
+                                                    p[1] - p[1] // 2, p[0] // 2,
+                                                    p[0] - p[0] // 2), 0.0) for p in pads)
+        padding = [p // 2 for p in pads[0]] if self.sym else [0, 0, 0]
+        self.conv3d = nn.Conv3d(cin, cout, k, s, padding=padding, bias=not bn)
+        self.batch3d = nn.BatchNorm3d(cout, eps=1e-3) if bn else nn.Identity()
+
+    def forward(self, x):
+        if not self.sym:
+            residue = x.shape[2] % self.st
+            for r, pad in enumerate(self.pads):
+                if residue == r:
+                    x = pad(x)
+        x = self.batch3d(self.conv3d(x))
+        return F.relu(x) if self.use_bn else x
+
+
+class HMixed(nn.Module):
+    def __init__(self, cin, c):
+        super().__init__()
+        self.branch_0 = HUnit(cin, c[0])
+        self.branch_1 = nn.Sequential(HUnit(cin, c[1]), HUnit(c[1], c[2], (3, 3, 3)))
+        self.branch_2 = nn.Sequential(HUnit(cin, c[3]), HUnit(c[3], c[4], (3, 3, 3)))
+        self.branch_3 = nn.Sequential(PPool((3, 3, 3), (1, 1, 1)), HUnit(cin, c[5]))
+
+    def forward(self, x):
+        return torch.cat([self.branch_0(x), self.branch_1(x), self.branch_2(x),
+                          self.branch_3(x)], 1)
+
+
+class HassonyI3D(nn.Module):
+    """Names as hassony2/kinetics_i3d_pytorch (`mixed_4f.branch_2.1.batch3d.running_var`,
+    `conv3d_0c_1x1.conv3d.bias`), the TorchScript call, and a resize no code reader can name
+    (bilinear through a sampling grid, equal to interpolate with align_corners=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3d_1a_7x7 = HUnit(3, 64, (7, 7, 7), (2, 2, 2))
+        self.maxPool3d_2a_3x3 = PPool((1, 3, 3), (1, 2, 2))
+        self.conv3d_2b_1x1 = HUnit(64, 64)
+        self.conv3d_2c_3x3 = HUnit(64, 192, (3, 3, 3))
+        self.maxPool3d_3a_3x3 = PPool((1, 3, 3), (1, 2, 2))
+        for name, cin, c in MIXED:
+            setattr(self, f"mixed_{name}", HMixed(cin, c))
+            if name in POOL_AFTER:
+                setattr(self, f"maxPool3d_{'4a_3x3' if name == '3c' else '5a_2x2'}",
+                        PPool(*POOL_AFTER[name]))
+        self.conv3d_0c_1x1 = HUnit(1024, 400, bn=False)
+
+    def forward(self, x, rescale: bool = False, resize: bool = False,
+                return_features: bool = False):
+        x = x.float()
+        if rescale:
+            x = x / 255 * 2 - 1
+        if resize:
+            B, C, T, H, W = x.shape
+            f = x.transpose(1, 2).reshape(B * T, C, H, W)
+            theta = torch.eye(2, 3).unsqueeze(0).repeat(B * T, 1, 1)
+            grid = F.affine_grid(theta, [B * T, C, 224, 224], align_corners=False)
+            f = F.grid_sample(f, grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)
+            x = f.reshape(B, T, C, 224, 224).transpose(1, 2)
+        for name, m in self.named_children():
+            if name != "conv3d_0c_1x1":
+                x = m(x)
+        x = self.conv3d_0c_1x1(F.avg_pool3d(x, (2, 7, 7), 1)).squeeze(3).squeeze(3).mean(2)
+        return x if return_features else F.softmax(x, 1)
+
+
+@pytest.mark.parametrize("layout,t", [("piergiaj", 9), ("hassony2", 10)])
+def test_i3d_matches_public_port_layouts(ports, layout, t):
+    """Mapped weights give the same logits; T = 9 and 10 between them meet every uneven SAME
+    pad (Conv3d_1a (2, 3) for even T, MaxPool3d_5a (0, 1) for odd T / 4)."""
+    port = ports[layout]
+    ours = E.I3D().eval()
+    ours.load_state_dict(E.i3d_state_dict_from(port.state_dict()))
+    x = torch.rand(1, 3, t, 224, 224, generator=torch.Generator().manual_seed(t)) * 2 - 1
+    with torch.no_grad():
+        ref = port(x, return_features=True)
+        assert (ours(x, return_features=True) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_i3d_mapping_by_registration_order_and_by_name():
+    """Unreadable names are placed by registration order; readable ones by name, whatever
+    their order; tensors of equal shape (Mixed_3c branch 0 vs 1a) are never confused."""
+    torch.manual_seed(8)
+    sd = randomize_bn_(E.I3D(), 9).state_dict()
+    opaque = {f"u{i // 4:02d}.{k.rsplit('.', 1)[1]}": v for i, (k, v) in enumerate(
+        (k, v) for k, v in sd.items() if not k.startswith("conv3d_0c"))}
+    opaque.update({"head.weight": sd["conv3d_0c_1x1.weight"],
+                   "head.bias": sd["conv3d_0c_1x1.bias"]})
+    shuffled = dict(reversed(list(sd.items())))
+    for source in (opaque, shuffled):
+        out = E.i3d_state_dict_from(source)
+        assert set(out) == set(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
+    assert sd["mixed_3c.branch_0.weight"].shape == sd["mixed_3c.branch_1.0.weight"].shape
+    bad = dict(sd)
+    del bad["mixed_4d.branch_2.1.var"]
+    with pytest.raises(E.EvalError, match="mixed_4d.branch_2.1"):
+        E.i3d_state_dict_from(bad)
+
+
+def convert_scripted(module, tmp_path, name, **kwargs):
+    path = str(tmp_path / name)
+    torch.jit.save(torch.jit.script(module), path)
+    lines = []
+    out = E.convert(path, str(tmp_path / "out"), log=lines.append, **kwargs)
+    return out, "\n".join(lines)
+
+
+@pytest.mark.parametrize("layout,resize", [("piergiaj", "bilinear_align_corners"),
+                                           ("hassony2", "bilinear")])
+def test_convert_i3d_torchscript(ports, tmp_path, layout, resize):
+    """convert: maps the scripted port, reads (piergiaj) or finds by trial (hassony2) its
+    resize, and the written file builds an I3D giving the TorchScript's outputs."""
+    out, log = convert_scripted(ports[layout], tmp_path, "i3d_torchscript.pt", lengths=(9,))
+    assert "FAIL" not in log and f"({resize})" in log
+    assert ("code: " + resize in log) == (layout == "piergiaj")
+    net = E.build_i3d(str(tmp_path / "out"))                # outputs compared by convert
+    assert net.resize_mode == resize and os.path.basename(out) == E.I3D_FILE
+    expect = E.i3d_state_dict_from(ports[layout].state_dict())
+    assert all(torch.equal(v, expect[k]) for k, v in net.state_dict().items())
+
+
+def test_convert_refuses_a_network_that_disagrees(tmp_path):
+    """A port with BN eps 0.1 instead of 1e-3: same names and shapes, other outputs."""
+    torch.manual_seed(10)
+    port = calibrate_(HassonyI3D(), torch.rand(1, 3, 9, 224, 224) * 2 - 1, 11,
+                      return_features=True)
+    for m in port.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.eps = 0.1
+    with pytest.raises(E.EvalError, match="nothing written"):
+        convert_scripted(port, tmp_path, "i3d_torchscript.pt", lengths=(9,))
+    assert not (tmp_path / "out" / E.I3D_FILE).exists()
+
+
+def test_convert_inception_torchscript(tmp_path, tv_inception):
+    """convert on a TorchScript with the published names (ours, scripted) round-trips."""
+    model = E.InceptionV3().eval()
+    model.load_state_dict(E.inception_state_dict_from(tv_inception.state_dict()))
+    _, log = convert_scripted(model, tmp_path, "inception-2015-12-05.pt", sizes=(112,))
+    assert "FAIL" not in log and "return_features" in log and "no_output_bias" in log
+    net = E.build_inception(str(tmp_path / "out"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+# --- the protocol on small folders -----------------------------------------------------------
+
+def stylegan_v_image_list(root):
+    """StyleGAN-V's ImageFolderDataset listing, rewritten: walk, relpath, PIL ext, sort."""
+    PIL.Image.init()
+    names = {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+    return sorted(f for f in names if os.path.splitext(f)[1].lower() in PIL.Image.EXTENSION)
+
+
+def stylegan_v_video_list(path):
+    """StyleGAN-V's VideoFramesFolderDataset listing, rewritten: depth-2 objects relative to
+    the parent, sorted as strings, walked with the current directory."""
+    PIL.Image.init()
+
+    def ls(d):
+        return sorted(os.path.join(d, x) for x in os.listdir(d))
+
+    objs = {o for d in ls(path) for o in ([d] + ls(d) if os.path.isdir(d) else [d])}
+    objs = sorted(os.path.relpath(o, os.path.dirname(path)) for o in objs | {path})
+    videos, cur = {}, objs[1]
+    for o in objs[1:]:
+        if os.path.splitext(o)[1].lower() in PIL.Image.EXTENSION:
+            assert o.startswith(cur)
+            videos.setdefault(cur, []).append(os.path.basename(o))
+        else:
+            cur = o
+    return [(os.path.basename(d), sorted(f)) for d, f in videos.items()]
+
+
+@pytest.fixture
+def coded(tmp_path):
+    """real: 5 videos of 14..22 frames (two shorter than 16); fake: 4 videos of 16..19."""
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    for i, n in enumerate([20, 14, 22, 16, 9]):
+        coded_video(str(real / f"vid_{i:02d}"), i, n)
+    for i, n in enumerate([19, 16, 17, 18]):
+        coded_video(str(fake / f"sample_{i:06d}"), 100 + i, n)
+    (real / "notes.txt").write_text("ignored")
+    return str(real), str(fake)
+
+
+def test_readers_list_what_stylegan_v_lists(coded):
+    real, fake = coded
+    for root in coded:
+        assert E.list_images(root) == stylegan_v_image_list(root)
+        assert E.list_videos(root) == stylegan_v_video_list(root)
+    assert E.list_images(fake)[:3] == [f"sample_000000/{i:04d}.png" for i in range(3)]
+
+
+def test_fvd_clips_follow_the_protocol(coded):
+    """Real: short videos dropped, first K kept, offsets in 0..N-16 from the seed; fake: first
+    K videos from frame 0; the detector gets contiguous uint8 [b, 3, 16, H, W]."""
+    real, fake = coded
+    spy = Spy()
+    opts = E.Options(real=real, fake=fake, resolution=16, nets={"i3d": spy}, progress=False)
+    E.clip_stats(opts, real, 16, 2, real=True)
+    E.clip_stats(opts, fake, 16, 3, real=False)
+    x = torch.cat([s[0] for s in spy.seen])
+    assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16, 16) and x.is_contiguous()
+    assert [s[0].shape[0] for s in spy.seen] == [2, 3]             # 128 // 16 = 8 per batch
+    assert spy.seen[0][1] == dict(rescale=True, resize=True, return_features=True)
+    assert x[:, 0, 0, 0, 0].tolist() == [0, 2, 100, 101, 102]    # vid_01 (14 frames) dropped
+    firsts = x[:, 1, :, 0, 0]                                    # frame indices per clip
+    assert torch.equal(firsts - firsts[:, :1], torch.arange(16).expand(5, 16))
+    highs = [20 - 16 + 1, 22 - 16 + 1]
+    expect = np.random.default_rng(0).integers(0, highs).tolist()
+    assert firsts[:2, 0].tolist() == expect and firsts[2:, 0].tolist() == [0, 0, 0]
+    clips = E.select_clips(E.list_videos(real), 16, 1, 10, True, seed=1)
+    assert [c[0] for c in clips] == ["vid_00", "vid_02", "vid_03"] and clips[2][1] == 0
+    offsets = {E.select_clips(E.list_videos(real), 16, 1, 10, True, s)[1][1] for s in range(60)}
+    assert offsets == set(range(7))                                # 0 ... N - n inclusive
+
+
+def test_fid_and_is_read_the_first_frames_in_sorted_order(coded):
+    real, fake = coded
+    spy = Spy()
+    opts = E.Options(real=real, fake=fake, resolution=16, nets={"inception": spy},
+                     progress=False)
+    mu, sigma = E.image_stats(opts, fake, 40, 32, "fid fake", disk=False)
+    x = torch.cat([s[0] for s in spy.seen])
+    assert [s[0].shape[0] for s in spy.seen] == [32, 8]
+    assert x[:, 0, 0, 0].tolist() == [100] * 19 + [101] * 16 + [102] * 5     # first 40 frames
+    assert x[:, 1, 0, 0].tolist() == list(range(19)) + list(range(16)) + list(range(5))
+    f = spy(x, return_features=True).double().numpy()
+    assert np.allclose(mu, f.mean(0)) and np.allclose(sigma, np.cov(f.T, bias=True))
+    spy.seen.clear()
+    E.image_stats(opts, real, None, 64, "fid real", disk=False)
+    assert sum(s[0].shape[0] for s in spy.seen) == 20 + 14 + 22 + 16 + 9     # all real frames
+    spy.seen.clear()
+    mean, std = E.calc_metric(opts, "is60").values()
+    probs = spy(torch.cat([s[0] for s in spy.seen]), no_output_bias=True).numpy()
+    assert len(probs) == 60 and spy.seen[0][1] == dict(no_output_bias=True)
+    assert (mean, std) == E.inception_score(probs, num_gen=60, num_splits=10)
+
+
+def test_metric_names_parse():
+    opts = E.Options(real=None, fake="x")
+    for name in ["fid50k", "fvd2048_16", "ef", "is50k_full"]:
+        with pytest.raises(E.EvalError, match="unknown metric"):
+            E.calc_metric(opts, name)
+    assert {r"fid(\d+)(k?)_full", r"fvd(\d+)_(\d+)f", r"is(\d+)(k?)"} <= set(E.METRICS)
+
+
+def test_clear_errors(coded, detectors, tmp_path):
+    """Missing folder or weights, wrong size, mixed channels, short fake video, flat folder:
+    a one-line SystemExit naming the culprit, not a traceback."""
+    real, fake = coded
+    flat = tmp_path / "flat"
+    write_frames(str(flat), np.zeros((2, 16, 16, 3), np.uint8))
+    write_frames(str(flat / "x"), np.zeros((1, 16, 16), np.uint8))     # 1 channel
+    (tmp_path / "empty").mkdir()
+    base = ["--out", "", "--no-progress", "--workers", "0", "--no-cache"]
+    cases = [
+        (["--real", str(tmp_path / "nope"), "--fake", fake, "--metrics", "fid1k_full"],
+         "--real"),
+        (["--real", real, "--fake", str(tmp_path / "empty"), "--metrics", "is10"],
+         "no image files"),
+        (["--real", real, "--fake", fake, "--metrics", "is10", "--detectors",
+          str(tmp_path), "--resolution", "16"], "inception-2015-12-05.safetensors not found"),
+        (["--real", real, "--fake", fake, "--metrics", "fvd8_16f", "--detectors",
+          str(tmp_path), "--resolution", "16"], "i3d_torchscript.pt, published by the StyleGAN-V"),
+        (["--real", real, "--fake", fake, "--metrics", "is10", "--detectors", detectors],
+         "expected 112x112 (--resolution)"),
+        (["--real", real, "--fake", str(flat), "--metrics", "is10", "--detectors", detectors,
+          "--resolution", "16"], "x/0000.png has shape [1, 16, 16]"),
+        (["--real", real, "--fake", str(flat), "--metrics", "is10", "--detectors", detectors,
+          "--resolution", "16", "--workers", "1"], "x/0000.png has shape [1, 16, 16]"),
+        (["--real", real, "--fake", fake, "--metrics", "fvd8_18f", "--detectors", detectors,
+          "--resolution", "16"], "'sample_000001' has 16 frames"),
+        (["--real", real, "--fake", str(flat), "--metrics", "fvd8_16f", "--detectors",
+          detectors, "--resolution", "16"], "directly in the folder"),
+        (["--real", real, "--fake", fake, "--metrics", "kid50k_full"], "unknown metric"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            E.main(base + args)
+        text = str(exc.value)
+        assert message in text and "\n" not in text, (args, text)
+    with pytest.raises(SystemExit, match="no such file"):
+        E.main(["convert", str(tmp_path / "missing.pt")])
+
+
+def test_fvd16_end_to_end_and_reproducible(detectors, tmp_path, capsys):
+    """The CLI on 112x112 jpg folders: the same FVD16 command twice gives the same number
+    (real clip offsets drawn from --seed), written as StyleGAN-V-like JSON lines."""
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    for i in range(2):
+        noise_video(str(real / f"v{i}"), 18 + i, seed=i)
+        noise_video(str(fake / f"sample_{i:06d}"), 17, seed=10 + i)
+    out = tmp_path / "m.jsonl"
+    args = ["--real", str(real), "--fake", str(fake), "--detectors", detectors, "--metrics",
+            "fvd2_16f", "--no-cache", "--out", str(out), "--no-progress", "--workers", "1"]
+    first, second = run_cli(capsys, *args), run_cli(capsys, *args)
+    assert first[0]["results"] == second[0]["results"]
+    assert first[0]["metric"] == "fvd2_16f" and np.isfinite(first[0]["results"]["fvd2_16f"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == first + second
+
+
+def test_real_statistics_cached_by_content_not_path(coded, tmp_path):
+    real, fake = coded
+    spy = Spy()
+    cache = str(tmp_path / "cache")
+
+    def stats(root):
+        opts = E.Options(real=root, fake=fake, resolution=16, cache_dir=cache,
+                         nets={"i3d": spy}, progress=False)
+        return E.clip_stats(opts, root, 16, 4, real=True)
+
+    first = stats(real)
+    calls = len(spy.seen)
+    shutil.copytree(real, tmp_path / "moved")                  # same contents (mtimes kept)
+    again = stats(str(tmp_path / "moved"))
+    assert len(spy.seen) == calls and len(os.listdir(cache)) == 1       # read, not computed
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    coded_video(str(tmp_path / "moved" / "vid_00"), 7, 20)    # other contents: recomputed
+    stats(str(tmp_path / "moved"))
+    assert len(spy.seen) > calls and len(os.listdir(cache)) == 2
+
+
+@pytest.mark.slow
+def test_fid_is_end_to_end(detectors, tmp_path, capsys):
+    """FID and IS through the CLI on flat and nested jpg folders; a table and JSON lines.
+    Slow for its one 2048x2048 scipy sqrtm (about 20 s on a 2-core CPU)."""
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    noise_video(str(real), 2, seed=0)
+    noise_video(str(fake / "a"), 6, seed=1)
+    noise_video(str(fake / "b"), 4, seed=2)
+    records = run_cli(capsys, "--real", str(real), "--fake", str(fake), "--detectors", detectors,
+                      "--metrics", "fid2_full,is10", "--no-cache", "--out", "",
+                      "--no-progress", "--workers", "2")
+    res = {k: v for r in records for k, v in r["results"].items()}
+    assert set(res) == {"fid2_full", "is10_mean", "is10_std"}
+    assert np.isfinite(res["fid2_full"])
+    assert res["is10_mean"] == pytest.approx(1.0, abs=1e-5)  # one image per split: KL = 0
+
+
+@pytest.mark.slow
+def test_fvd128_end_to_end(detectors, tmp_path, capsys):
+    """FVD128 on 112x112 folders: 128-frame clips, a shorter real video dropped; with the kept
+    real video exactly 128 frames long its offset is 0 for every seed: --runs 2 agree."""
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    noise_video(str(real / "v0"), 100, seed=0)                # dropped: fewer than 128 frames
+    noise_video(str(real / "v1"), 128, seed=1)
+    noise_video(str(fake / "sample_000000"), 130, seed=2)
+    records = run_cli(capsys, "--real", str(real), "--fake", str(fake), "--detectors",
+                      detectors, "--metrics", "fvd1_128f", "--no-cache", "--out", "",
+                      "--runs", "2", "--workers", "0", "--no-progress")
+    res = records[0]["results"]
+    assert set(res) == {"fvd1_128f_run01", "fvd1_128f_run02", "fvd1_128f_mean",
+                        "fvd1_128f_std"}
+    assert np.isfinite(res["fvd1_128f_mean"]) and res["fvd1_128f_std"] == 0
+
+
+# --- several processes (gloo on CPU) ---------------------------------------------------------
+
+def _dist_worker(rank, world, init, real, fake, out):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    opts = E.Options(real=real, fake=fake, resolution=16, nets={"inception": Spy(),
+                     "i3d": Spy()}, rank=rank, world=world, progress=False)
+    results = {"fid": E.calc_metric(opts, "fid45_full"), "is": E.calc_metric(opts, "is41"),
+               "fvd": E.calc_metric(opts, "fvd3_16f")}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_several_processes_give_the_single_process_numbers(coded, tmp_path):
+    real, fake = coded
+    out = str(tmp_path / "dist.json")
+    torch.multiprocessing.spawn(_dist_worker, nprocs=2, args=(
+        2, f"file://{tmp_path / 'init'}", real, fake, out))
+    with open(out) as f:
+        several = json.load(f)
+    opts = E.Options(real=real, fake=fake, resolution=16, nets={"inception": Spy(),
+                     "i3d": Spy()}, progress=False)
+    single = {"fid": E.calc_metric(opts, "fid45_full"), "is": E.calc_metric(opts, "is41"),
+              "fvd": E.calc_metric(opts, "fvd3_16f")}
+    assert several["is"] == single["is"]                      # same rows in the same order
+    for key in ("fid", "fvd"):                                # float64 sums, other order
+        assert several[key] == pytest.approx(single[key], rel=1e-9, abs=1e-9)
