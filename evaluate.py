@@ -45,6 +45,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import data
+
 # --- command line ----------------------------------------------------------------------------
 
 parser = argparse.ArgumentParser(
@@ -58,11 +60,15 @@ group.add_argument("--fake", required=True, help="generated folder (<video>/<fra
                    "flat images for fid/is), StyleGAN-V's --fake_data_path")
 group.add_argument("--metrics", default="fvd2048_16f,fvd2048_128f,fid50k_full,is50k",
                    help="comma-separated, StyleGAN-V names; EchoNet-Synthetic's list by default. "
-                   "Small counts parse too: fvd64_16f, fid5k_full, fid500_full, is2k, is100")
+                   "Small counts parse too: fvd64_16f, fid5k_full, fid500_full, is2k, is100. "
+                   "'ef': EF adherence of phantom videos (no --real needed)")
 group.add_argument("--resolution", type=int, default=112,
                    help="every frame must be this size (EchoNet-Synthetic passes 112)")
 group.add_argument("--seed", type=int, default=0,
                    help="seeds the real FVD clip offsets (unseeded in StyleGAN-V)")
+group.add_argument("--filelist", default=None,
+                   help="ef: FileList.csv with the requested EF of each fake video (default: "
+                   "the one in --fake or its parent, as sample.py writes it)")
 group.add_argument("--runs", type=int, default=1,
                    help="repeat each metric with seeds seed..seed+K-1, report mean and std")
 group = parser.add_argument_group("I/O")
@@ -929,6 +935,7 @@ class Options:
     detectors: str = "models/detectors"
     device: str = "cpu"
     seed: int = 0                       # real FVD offsets
+    filelist: str | None = None         # ef: requested EFs
     workers: int = 0                    # DataLoader processes
     cache_dir: str | None = None        # None: no disk cache
     progress: bool = True
@@ -1102,6 +1109,52 @@ def inception_score_metric(opts, count):
     return opts.memo[key]
 
 
+def read_fake_videos(root):
+    """(name, uint8 frames [F, H, W, C]) of each fake video: a dataset root with Videos/*.avi
+    (e.g. the phantoms themselves), or one folder of frames per video (sample.py's jpg/png)."""
+    videos = os.path.join(root, "Videos")
+    if os.path.isdir(videos):
+        for name in sorted(os.listdir(videos)):
+            if name.lower().endswith((".avi", ".mp4")):
+                yield os.path.splitext(name)[0], data.read_video(os.path.join(videos, name))[0]
+        return
+    for name, frames in list_videos(root):
+        stack = [read_image(os.path.join(root, name, f)).transpose(1, 2, 0) for f in frames]
+        yield name, np.stack(stack)
+
+
+def ef_metric(opts):
+    """ef: each video's EF measured from its LV cavity (data.measure_ef: phantom videos only)
+    against the EF it was asked for (FileList.csv): Pearson r and mean absolute error in EF
+    points. The per-video table is written to ef_measured.csv beside the FileList."""
+    candidates = [opts.filelist] if opts.filelist else [
+        os.path.join(opts.fake, "FileList.csv"), os.path.join(opts.fake, "..", "FileList.csv")]
+    filelist = next((p for p in candidates if os.path.isfile(p)), None)
+    if filelist is None:
+        raise EvalError(f"ef: no FileList.csv with the requested EFs at {candidates} "
+                        "(give --filelist)")
+    try:
+        requested = {row["FileName"]: row["EF"]
+                     for row in data.read_filelist(os.path.dirname(filelist), probe=False)}
+    except data.DataError as err:
+        raise EvalError(f"ef: {err}") from None
+    rows = []
+    videos = read_fake_videos(opts.fake)
+    for name, frames in tqdm(videos, desc="ef", disable=not opts.progress, unit="video"):
+        if name not in requested:
+            raise EvalError(f"ef: video {name} of {opts.fake} is not in {filelist}")
+        rows.append((name, requested[name], data.measure_ef(frames)["ef"]))
+    if not rows:
+        raise EvalError(f"ef: no videos in {opts.fake}")
+    out = os.path.join(os.path.dirname(filelist), "ef_measured.csv")
+    if opts.rank == 0:
+        with open(out, "w") as f:
+            f.write("FileName,RequestedEF,MeasuredEF\n")
+            f.writelines(f"{n},{r:.2f},{m:.2f}\n" for n, r, m in rows)
+    scores = data.ef_adherence([r[1] for r in rows], [r[2] for r in rows])
+    return {"ef_pearson_r": scores["pearson_r"], "ef_mae": scores["mae"], "ef_n": scores["n"]}
+
+
 def _count(digits, k):
     return int(digits) * (1000 if k else 1)
 
@@ -1112,6 +1165,7 @@ METRICS = {
     r"fvd(\d+)_(\d+)f": lambda o, m: {m[0]: fvd(o, int(m[1]), int(m[2]))},
     r"is(\d+)(k?)": lambda o, m: dict(zip(
         (m[0] + "_mean", m[0] + "_std"), inception_score_metric(o, _count(m[1], m[2])))),
+    r"ef": lambda o, m: ef_metric(o),
 }
 
 
@@ -1147,12 +1201,13 @@ def run(args):
     for name in names:                                  # fail before any long computation
         if not any(re.fullmatch(p, name) for p in METRICS):
             raise EvalError(f"--metrics: unknown metric {name!r}; known: {list(METRICS)}")
-        if not name.startswith("is"):
+        if not name.startswith(("is", "ef")):
             check_folder(args.real, "--real")
     check_folder(args.fake, "--fake")
     if args.runs < 1:
         raise EvalError("--runs must be at least 1")
     opts = Options(real=args.real, fake=args.fake, resolution=args.resolution,
+                   filelist=args.filelist,
                    detectors=args.detectors, device=device, workers=args.workers,
                    cache_dir=None if args.no_cache else args.cache_dir,
                    progress=not args.no_progress, rank=rank, world=world)

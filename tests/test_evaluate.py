@@ -825,3 +825,45 @@ def test_several_processes_give_the_single_process_numbers(coded, tmp_path):
     assert several["is"] == single["is"]                      # same rows in the same order
     for key in ("fid", "fvd"):                                # float64 sums, other order
         assert several[key] == pytest.approx(single[key], rel=1e-9, abs=1e-9)
+
+
+# --- EF adherence of phantom videos ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """Eight phantom videos (EchoNet layout) with their ground-truth EFs."""
+    import data
+    root = tmp_path_factory.mktemp("phantom")
+    data.make_phantom(str(root), num_videos=8, seed=3)
+    return root
+
+
+def test_ef_metric_recovers_phantom_ground_truth(phantoms, tmp_path):
+    """On the phantoms themselves the measured EF follows the FileList's (r >= 0.95, MAE <= 3)."""
+    out = tmp_path / "m.jsonl"
+    E.main(["--fake", str(phantoms), "--metrics", "ef", "--out", str(out), "--no-progress"])
+    results = json.loads(out.read_text())["results"]
+    assert results["ef_n"] == 8
+    assert results["ef_pearson_r"] >= 0.95 and results["ef_mae"] <= 3
+    table = (phantoms / "ef_measured.csv").read_text().splitlines()
+    assert table[0] == "FileName,RequestedEF,MeasuredEF" and len(table) == 9
+
+
+def test_ef_metric_reads_sampler_jpg_folders(phantoms, tmp_path):
+    """sample.py's layout (<out>/jpg/<video>/0000.jpg + <out>/FileList.csv) is read as is."""
+    import data
+    rows = data.read_filelist(str(phantoms), probe=False)[:3]
+    for row in rows:
+        frames, fps = data.read_video(str(phantoms / "Videos" / f"{row['FileName']}.avi"))
+        data.save_video(str(tmp_path / "jpg" / row["FileName"]), frames, fps, "jpg")
+    data.write_filelist(str(tmp_path / "FileList.csv"), rows)
+    table = E.main(["--fake", str(tmp_path / "jpg"), "--metrics", "ef", "--out", "",
+                    "--no-progress"])
+    assert dict((k, v) for k, v, _ in table)["ef_mae"] <= 3
+
+
+def test_ef_metric_errors_name_the_missing_filelist(tmp_path):
+    """Without a FileList of requested EFs the error says where it looked."""
+    (tmp_path / "jpg" / "v").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no FileList.csv"):
+        E.main(["--fake", str(tmp_path / "jpg"), "--metrics", "ef", "--out", ""])
