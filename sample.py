@@ -1,0 +1,371 @@
+"""Generate echo videos with the latent video diffusion model: conditioning frame + EF -> video.
+
+    python sample.py --frames 192                 # models/lvdm, models/vae, data/conditioning
+    python sample.py --unet models/lvdm --vae models/vae --conditioning data/conditioning \\
+        --output samples/lvdm_dynamic --num_samples 2048 --batch_size 8 --num_steps 64 \\
+        --min_lvef 10 --max_lvef 90 --save_as avi,jpg --frames 192   # the paper's metric set
+
+Follows EchoNet-Synthetic's `echosyn/lvdm/sample.py` (its flags and its algorithm: DDPM over 64
+"leading" steps, long videos as 64-frame windows every 32 frames in one UNet batch, conditioning
+files taken in turn), but every video has its own random generator, seeded from (--seed, its
+index), so a video is the same at any batch size; a killed run started again skips the finished
+videos. Outputs: <output>/<format>/sample_000000[.ext] and <output>/FileList.csv.
+Differences from the original and its bugs: notes/README-sample.md.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import diffusion
+import export  # reads training checkpoints: --unet may be one
+import model
+
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+group = parser.add_argument_group("models and conditioning")
+group.add_argument("--unet", default="models/lvdm", help="UNet model folder or training "
+                   "checkpoint-<step>/ (EMA weights) (default: %(default)s, else the newest "
+                   "checkpoint under out/)")
+group.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
+group.add_argument("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt "
+                   "latents (scaled) or .jpg/.png frames (default: %(default)s)")
+group.add_argument("--config", help="ignored (model folders carry their config); accepted so the "
+                   "original's commands run")
+group = parser.add_argument_group("sampling")
+group.add_argument("--num_samples", type=int, default=8, help="videos (default: %(default)s)")
+group.add_argument("--num_steps", type=int, default=64, help="denoising steps (default: 64)")
+group.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                   help="ddpm (the original's) or deterministic ddim (default: ddpm)")
+group.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale, "
+                   "1 = off (default; the published model never saw a null EF)")
+group.add_argument("--min_lvef", type=int, default=10, help="lowest EF in %% (default: 10)")
+group.add_argument("--max_lvef", type=int, default=90, help="highest EF in %% (default: 90)")
+group.add_argument("--ef_from", default=None, help="a FileList.csv: draw EFs from its EF column "
+                   "(within min..max) instead of uniform integers")
+group.add_argument("--frames", type=int, default=192, help="frames per video at 32 fps, rounded "
+                   "up to a multiple of 32 (half the UNet's num_frames) (default: %(default)s)")
+group.add_argument("--seed", type=int, default=0, help="video i uses a generator seeded with "
+                   "(seed, i) (default: %(default)s)")
+group = parser.add_argument_group("output")
+group.add_argument("--output", default="samples/lvdm", help="output folder (default: %(default)s)")
+group.add_argument("--save_as", default="avi,jpg", help="any of avi,mp4,gif,jpg,png (frame "
+                   "folders),pt (latents) (default: %(default)s)")
+group = parser.add_argument_group("performance")
+group.add_argument("--batch_size", type=int, default=8, help="videos per batch (default: 8)")
+group.add_argument("--decode_chunk", type=int, default=8, help="frames per VAE decode call "
+                   "(default: 8; on a CPU 2-8 ran faster than 64)")
+group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s); the UNet runs in bf16 on cuda")
+group.add_argument("--dry_run", action="store_true", help="print the resolved settings and exit")
+
+FORMATS = ("avi", "mp4", "gif", "jpg", "png", "pt")
+FPS = 32  # the frame rate the LVDM is trained at (the original's globals.target_fps)
+UNET, VAE = "UNetSpatioTemporalConditionModel", "AutoencoderKL"
+GET_WEIGHTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ -> models/lvdm,"
+               " vae/ -> models/vae) or train your own (make demo; or python train.py ... then "
+               "python export.py)")
+GET_CONDITIONING = ("give --conditioning a folder of [4, 14, 14] .pt latents or of 112x112 "
+                    ".jpg/.png frames (e.g. frames of real echos)")
+
+
+class SampleError(Exception):
+    """Bad input; the message names the flag or file and what is wrong (main exits cleanly)."""
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def video_generator(seed, index):
+    """Video `index`'s own CPU generator, seeded with SeedSequence([seed, index]) (as data.py
+    encode seeds each video): its EF, noise and steps do not depend on the batch or device."""
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
+
+
+def draw_ef(generator, low, high, real_efs=None):
+    """A video's EF, its generator's first draw: an integer uniform in [low, high] (the original's
+    randint), or with --ef_from one of the real EFs in that range."""
+    if real_efs is None:
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+    return real_efs[int(torch.randint(len(real_efs), (1,), generator=generator))]
+
+
+def denoise(unet, x_t, cond, t, ef):
+    """The UNet's prediction for x_t [N, F, C, h, w] given the conditioning frame latent
+    cond [N, C, h, w] and ef [N] (EF / 100), as the original calls it: the frame repeated over F
+    and concatenated on channels, replicate-padded to a multiple of 8 (the original's
+    pad = (8 - w % 8) // 2: 14 -> 1 px each side -> 16), cropped back. Returns [N, F, C, h, w]."""
+    N, F, C, h, w = x_t.shape
+    x = torch.cat([x_t, cond[:, None].expand(N, F, C, h, w)], dim=2)            # [N, F, 2C, h, w]
+    pad = (8 - w % 8) // 2
+    x = torch.nn.functional.pad(x.flatten(0, 1), (pad,) * 4, mode="replicate").unflatten(0, (N, F))
+    ids = torch.zeros(N, 1, device=x.device, dtype=x.dtype)  # added_time_ids: unused, zeros
+    v = unet(x, t, ef.view(N, 1, 1).to(x.dtype), ids)              # [N, F, C, h + 2p, w + 2p]
+    return v[..., pad:pad + h, pad:pad + w]
+
+
+def sample_latents(unet, scheduler, cond, ef, generators, frames, window=64, stride=32,
+                   guidance=1.0):
+    """Denoise a batch of B videos of `frames` frames (window + k * stride, or <= window).
+
+    cond [B, C, h, w] scaled latents, ef [B] (EF / 100), generators: B CPU generators (initial
+    noise, then the scheduler's noise at each step). Every step runs all R windows of all videos
+    in one UNet call (batch-major, so ef and cond are repeated R times per video), merges them
+    (window 0 whole, then the last `stride` frames of the next ones) and takes one scheduler step
+    on the whole video, in fp32. Returns latents [B, frames, C, h, w] (fp32)."""
+    B, C, h, w = cond.shape
+    x = diffusion.randn((B, frames, C, h, w), generators, cond.device, torch.float32)
+    R = len(diffusion.window_starts(frames, window, stride))  # 192 frames -> 5
+    cond_w, ef_w = cond.repeat_interleave(R, 0), ef.repeat_interleave(R, 0)
+    guide = guidance != 1  # then one doubled batch: [conditional; null EF]
+    cond_w = torch.cat([cond_w, cond_w]) if guide else cond_w
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cond.device.type == "cuda"
+           else nullcontext())
+    for t in scheduler.timesteps:
+        x_w = diffusion.split_windows(x, window, stride)                      # [B*R, window, ...]
+        x_in, ef_in = diffusion.cfg_inputs(x_w, ef_w) if guide else (x_w, ef_w)
+        with amp:
+            v = denoise(unet, x_in, cond_w, t, ef_in).float()
+        if guide:
+            v = diffusion.guided(*v.chunk(2), guidance)
+        v = diffusion.merge_windows(v, B, frames, window, stride)             # [B, frames, ...]
+        x = scheduler.step(v, t, x, generator=generators)
+    return x
+
+
+def decode(vae, latents, chunk=8):
+    """Scaled latents [B, F, C, h, w] -> uint8 RGB frames [B, F, H, W, 3], as the original: VAE
+    decode of latents / scaling_factor in fp32, chunk frames at a time; (x + 1) * 128, clamped to
+    0..255 and truncated to uint8."""
+    z = latents.flatten(0, 1).float() / vae.config.scaling_factor
+    x = torch.cat([vae.decode(part) for part in z.split(chunk)])                   # [B*F, 3, H, W]
+    x = ((x + 1) * 128).clamp(0, 255).to(torch.uint8)
+    return x.unflatten(0, latents.shape[:2]).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+# --- inputs and outputs ------------------------------------------------------------------------
+
+def load_unet(path):
+    """(UNet, path): a model folder, a training checkpoint's EMA weights, or a run folder's newest
+    checkpoint's; when the default models/lvdm is absent, the newest checkpoint under out/."""
+    if path == parser.get_default("unet") and not os.path.exists(path):
+        path = export.latest_checkpoint() or path
+    elif not export.is_checkpoint(path):
+        path = export.latest_checkpoint(path) or path  # a training run folder: its newest
+    unet = export.load_checkpoint_model(path)[0] if export.is_checkpoint(path) else \
+        model.load_model(path, expect=UNET)
+    if unet.class_name != UNET:
+        raise SampleError(f"--unet {path}: a checkpoint of a {unet.class_name}, not a UNet")
+    return unet, path
+
+
+def list_conditioning(folder):
+    """The conditioning files sorted by name: all .pt files, or all .jpg/.jpeg/.png files."""
+    if not os.path.isdir(folder):
+        raise SampleError(f"--conditioning {folder}: no such folder; {GET_CONDITIONING}")
+    names = sorted(os.listdir(folder))
+    pts = [n for n in names if n.lower().endswith(".pt")]
+    images = [n for n in names if n.lower().endswith((".jpg", ".jpeg", ".png"))]
+    if bool(pts) == bool(images):
+        raise SampleError(f"--conditioning {folder}: " + ("both .pt latents and images, use one "
+                          "kind" if pts else "no .pt latents and no .jpg/.png frames in it"))
+    return [os.path.join(folder, n) for n in pts or images]
+
+
+def read_conditioning(path, shape):
+    """A conditioning file: a latent of `shape` [C, h, w] (fp32), or an RGB frame [3, 8h, 8w]
+    (uint8, for a VAE with 4 levels)."""
+    latent = path.lower().endswith(".pt")
+    try:
+        if latent:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        else:
+            with Image.open(path) as im:
+                x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            got, shape = tuple(x.shape), (3, shape[1] * 8, shape[2] * 8)
+    except Exception as e:  # unpickling, truncated or non-image files
+        raise SampleError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    if got != shape:
+        raise SampleError(f"{path}: shape {got}, expected {shape}")
+    return x.float() if latent else x
+
+
+def conditioning(paths, shape, vae, generators, device):
+    """Scaled conditioning latents [B, C, h, w]: .pt latents as they are; frames encoded as the
+    original does: x / 128 - 1, a posterior *sample* (here from the video's own generator), times
+    the scaling factor."""
+    x = torch.stack([read_conditioning(p, shape) for p in paths]).to(device)
+    if not paths[0].lower().endswith(".pt"):
+        x = vae.encode(x.float() / 128 - 1).sample(generators) * vae.config.scaling_factor
+    return x
+
+
+def output_path(out, fmt, index):
+    """<out>/jpg/sample_000000 (a frame folder) or <out>/avi/sample_000000.avi."""
+    name = f"sample_{index:06d}"
+    return os.path.join(out, fmt, name if fmt in ("jpg", "png") else f"{name}.{fmt}")
+
+
+def save(out, index, frames, latents, formats):
+    """One video in every format, each written under a temporary name and renamed."""
+    for fmt in formats:
+        path = output_path(out, fmt, index)
+        if fmt == "pt":
+            torch.save(latents.cpu().clone(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        else:
+            data.save_video(path, frames, FPS, fmt)
+
+
+def finished(out, formats):
+    """Indices of the videos in `out` that exist in every format."""
+    found = [re.fullmatch(r"sample_(\d{6,})(\.\w+)?", n) for n in os.listdir(f"{out}/{formats[0]}")]
+    return {int(m[1]) for m in found
+            if m and all(os.path.exists(output_path(out, f, int(m[1]))) for f in formats)}
+
+
+def prepare_output(out, formats, settings):
+    """Refuse to mix settings in one folder, drop a killed run's temporary files, record the
+    settings (<out>/settings.json)."""
+    path = os.path.join(out, "settings.json")
+    with open(path) if os.path.isfile(path) else nullcontext() as f:
+        old = json.load(f) if f else {}
+    changed = [f"{k} {v!r} -> {settings[k]!r}" for k, v in old.items() if settings.get(k, v) != v]
+    if changed:
+        raise SampleError(f"{out} holds videos made with other settings ({'; '.join(changed)}): "
+                          "use another --output, or the same settings to resume")
+    for fmt in FORMATS:
+        for name in os.listdir(f"{out}/{fmt}") if os.path.isdir(f"{out}/{fmt}") else []:
+            tmp = os.path.join(out, fmt, name)
+            if name.startswith("sample_") and name.endswith(".tmp"):
+                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+    for fmt in formats:
+        os.makedirs(os.path.join(out, fmt), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def run(args, formats):
+    if not 0 <= args.min_lvef <= args.max_lvef <= 100:
+        raise SampleError(f"--min_lvef {args.min_lvef} --max_lvef {args.max_lvef}: need "
+                          "0 <= min_lvef <= max_lvef <= 100 (EF in %)")
+    for flag in ("num_samples", "batch_size", "num_steps", "frames", "decode_chunk"):
+        if getattr(args, flag) < 1:
+            raise SampleError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.seed < 0:
+        raise SampleError(f"--seed {args.seed}: must be >= 0")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {args.device}: CUDA is not available here (use cpu)")
+    real_efs = None
+    if args.ef_from:  # the EF column of a FileList.csv (or of <folder>/FileList.csv)
+        root = os.path.dirname(args.ef_from) if os.path.isfile(args.ef_from) else args.ef_from
+        real_efs = [r["EF"] for r in data.read_filelist(root, probe=False)
+                    if args.min_lvef <= r["EF"] <= args.max_lvef]
+        if not real_efs:
+            raise SampleError(f"--ef_from {args.ef_from}: no EF in [{args.min_lvef}, "
+                              f"{args.max_lvef}]")
+    # Everything a fresh checkout lacks, in one message.
+    unet_ok = os.path.exists(args.unet) or (args.unet == parser.get_default("unet")
+                                            and export.latest_checkpoint() is not None)
+    weights_ok = unet_ok and os.path.exists(args.vae)
+    cond_ok = os.path.isdir(args.conditioning)
+    if not (weights_ok and cond_ok):
+        missing = [f"{flag} {path}" for flag, path, ok in [("--unet", args.unet, unet_ok), (
+            "--vae", args.vae, os.path.exists(args.vae)), ("--conditioning", args.conditioning,
+                                                           cond_ok)] if not ok]
+        hints = [GET_WEIGHTS] * (not weights_ok) + [GET_CONDITIONING] * (not cond_ok)
+        raise SampleError(f"missing {', '.join(missing)}: {'; '.join(hints)}")
+    paths = list_conditioning(args.conditioning)
+    unet, unet_path = load_unet(args.unet)
+    vae = model.load_model(args.vae, expect=VAE)
+    C, S = vae.config.latent_channels, unet.config.sample_size or 14  # latents [4, 14, 14]
+    if len(vae.config.block_out_channels) != 4:
+        raise SampleError(f"--vae {args.vae}: {len(vae.config.block_out_channels)} levels; this "
+                          "sampler expects 4 (frames 8x the latent size, as the original's)")
+    if (unet.config.in_channels, unet.config.out_channels) != (2 * C, C):
+        raise SampleError(f"--unet {unet_path}: takes {unet.config.in_channels} channels and "
+                          f"gives {unet.config.out_channels}; the VAE's latents need {2 * C}, {C}")
+    window = unet.config.num_frames  # the original's T; windows overlap by T // 2
+    if window < 2 or window % 2:
+        raise SampleError(f"--unet {unet_path}: num_frames {window} in its config; the windows "
+                          "need an even number (the training clip length, 64)")
+    frames = diffusion.round_frames(args.frames, window // 2)  # 100 -> 128 with 64-frame windows
+    scheduler = diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0)
+    if args.num_steps > scheduler.config["num_train_timesteps"]:
+        raise SampleError(f"--num_steps {args.num_steps}: at most 1000 (the training steps)")
+    scheduler.set_timesteps(args.num_steps)
+    settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
+                                              "min_lvef", "max_lvef")}
+    settings.update(frames=frames, window=window, unet=os.path.abspath(unet_path),
+                    vae=os.path.abspath(args.vae), conditioning=os.path.abspath(args.conditioning),
+                    ef_from=args.ef_from and os.path.abspath(args.ef_from))
+    if args.dry_run:
+        print(json.dumps({**settings, "save_as": formats, "output": args.output}, indent=2))
+        return
+    prepare_output(args.output, formats, settings)
+    done = finished(args.output, formats)
+    todo = [i for i in range(args.num_samples) if i not in done]
+    for i in sorted({i % len(paths) for i in todo}):  # fail now, not hours in
+        read_conditioning(paths[i], (C, S, S))
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    unet.to(device).requires_grad_(False)
+    vae.to(device).requires_grad_(False)
+    ef_args = (args.min_lvef, args.max_lvef, real_efs)
+    bar = tqdm(total=args.num_samples, initial=args.num_samples - len(todo), unit="video",
+               desc="sample", dynamic_ncols=True)
+    for k in range(0, len(todo), args.batch_size):
+        index = todo[k:k + args.batch_size]
+        generators = [video_generator(args.seed, i) for i in index]
+        ef = torch.tensor([draw_ef(g, *ef_args) for g in generators], device=device) / 100
+        with torch.inference_mode():
+            cond = conditioning([paths[i % len(paths)] for i in index], (C, S, S), vae,
+                                generators, device)
+            latents = sample_latents(unet, scheduler, cond, ef, generators, max(frames, window),
+                                     window, window // 2, args.guidance)[:, :frames]
+            videos = decode(vae, latents, args.decode_chunk)
+        for i, video, z in zip(index, videos, latents):
+            save(args.output, i, video, z, formats)
+        bar.update(len(index))
+    bar.close()
+
+    # FileList.csv, rebuilt from every finished video (EFs redrawn from their generators).
+    rows = [{"FileName": f"sample_{i:06d}", "EF": draw_ef(video_generator(args.seed, i), *ef_args),
+             "ESV": 0, "EDV": 0, "FrameHeight": 8 * S, "FrameWidth": 8 * S, "FPS": FPS,
+             "NumberOfFrames": frames, "Split": "TRAIN"}
+            for i in sorted(finished(args.output, formats))]
+    data.write_filelist(os.path.join(args.output, "FileList.csv"), rows)
+    print(f"{len(rows)} videos of {frames} frames in {args.output} ({', '.join(formats)})")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    formats = list(dict.fromkeys(s.strip().lower() for s in args.save_as.split(",") if s.strip()))
+    if not formats or set(formats) - set(FORMATS):
+        parser.error(f"--save_as {args.save_as}: choose from {','.join(FORMATS)}")
+    try:
+        run(args, formats)
+    except (SampleError, model.ModelLoadError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: run the same command again to finish (finished videos are kept)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""sample.py: the sampling loop against a diffusers reference loop built like the original's
+echosyn/lvdm/sample.py, the files it writes, resuming, seeding and bad input.
+
+Models are the tiny presets with perturbed random weights; windows are 8 frames every 4 (the
+tiny UNet's num_frames), so 16 frames stitch 3 windows as 192 frames stitch 5 in the paper run.
+"""
+
+import csv
+import dataclasses
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+
+import diffusion
+import model
+import sample
+
+try:
+    import diffusers
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+except ImportError:
+    diffusers = None
+needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers (reference) missing")
+
+
+def perturb(module, scale, seed=0):
+    """Noise on every weight, so no layer is zero and no mix factor sits at 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny UNet and VAE model folders (written by diffusers when it is installed) and a
+    conditioning folder of three [4, 14, 14] latents."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    unet_config = dataclasses.asdict(model.UNET_PRESETS["tiny"])
+    vae_config = dataclasses.asdict(model.VAE_PRESETS["tiny"])
+    if diffusers is not None:
+        unet = diffusers.UNetSpatioTemporalConditionModel(**unet_config)
+        vae = diffusers.AutoencoderKL(**vae_config)
+    else:
+        unet = model.UNetSpatioTemporal(model.UNET_PRESETS["tiny"])
+        vae = model.AutoencoderKL(model.VAE_PRESETS["tiny"])
+    perturb(unet, 0.05).save_pretrained(root / "unet")
+    perturb(vae, 0.02, seed=1).save_pretrained(root / "vae")
+    os.makedirs(root / "cond")
+    g = torch.Generator().manual_seed(2)
+    for name in ("b", "a", "c"):
+        torch.save(torch.randn(4, 14, 14, generator=g), root / "cond" / f"{name}.pt")
+    return root
+
+
+def run(folders, out, *extra):
+    sample.main(["--unet", str(folders / "unet"), "--vae", str(folders / "vae"),
+                 "--conditioning", str(folders / "cond"), "--output", str(out),
+                 "--num_steps", "2", "--frames", "8", *extra])
+
+
+# --- the loop against the original's --------------------------------------------------------
+
+def original_loop(unet, scheduler, cond, ef, noise, frames, T, ef_order):
+    """The denoising loop of EchoNet-Synthetic's sample.py with diffusers' UNet and scheduler:
+    [B, C, F, H, W] latents, conditioning frame repeated over F and concatenated on channels,
+    replicate padding 14 -> 16, windows of T frames every T - T // 2 stacked window-major, one
+    UNet call, window 0 whole then frames T // 2.. of the others, crop, scheduler.step without a
+    generator. Its 64/32 constants are T and T // 2 here. ef_order "original" repeats the EF
+    batch-major as the original does; "fixed" repeats it window-major, matching the windows."""
+    B, C, H, W = cond.shape
+    OT = T // 2
+    TR = (frames - T) // (T - OT) + 1 if frames > T else 1
+    latents = noise((B, C, frames, H, W))
+    lvefs = ef[:, None, None]
+    lvefs = lvefs.repeat_interleave(TR, 0) if ef_order == "original" else lvefs.repeat(TR, 1, 1)
+    added_time_ids = torch.zeros(B * TR, 1)
+    cond_frames = cond[:, :, None].repeat(1, 1, frames, 1, 1)
+    for t in scheduler.timesteps:
+        x = torch.cat([scheduler.scale_model_input(latents, t), cond_frames], dim=1)
+        pad = (2**3 - x.shape[-1] % 2**3) // 2
+        x = nnf.pad(x, (pad, pad, pad, pad, 0, 0), mode="replicate").permute(0, 2, 1, 3, 4)
+        inputs = torch.cat([x[:, r * (T - OT):r * (T - OT) + T] for r in range(TR)], dim=0)
+        pred = unet(inputs, t, encoder_hidden_states=lvefs, added_time_ids=added_time_ids).sample
+        outputs = torch.chunk(pred, TR, dim=0)
+        pred = torch.cat([o if r == 0 else o[:, OT:] for r, o in enumerate(outputs)], dim=1)
+        pred = pred.permute(0, 2, 1, 3, 4)[..., pad:-pad, pad:-pad]
+        latents = scheduler.step(pred, t, latents).prev_sample
+    return latents.permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
+
+
+def compare_with_original(folders, monkeypatch, B, sampler, ef_order, frames=16, steps=3):
+    ref = diffusers.UNetSpatioTemporalConditionModel.from_pretrained(folders / "unet").eval()
+    ours = model.load_model(str(folders / "unet"))
+    ref.requires_grad_(False), ours.requires_grad_(False)  # same grad state: same matmul path
+    config = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                  variance_type="fixed_small", clip_sample=True, clip_sample_range=4.0,
+                  prediction_type="v_prediction", timestep_spacing="leading", steps_offset=0)
+    ref_scheduler = diffusers.DDPMScheduler(**config)
+    scheduler = diffusion.DDPM()
+    if sampler == "ddim":
+        ref_scheduler, scheduler = diffusers.DDIMScheduler.from_config(config), diffusion.DDIM()
+    ref_scheduler.set_timesteps(steps), scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(3)
+    # 6x6 latents (padded to 8x8) rather than 14x14 (padded to 16x16): the same code, 4x cheaper.
+    cond, ef = torch.randn(B, 4, 6, 6, generator=g), torch.tensor([0.2, 0.85, 0.5][:B])
+
+    # The same noise on both sides: the reference's initial latents and its scheduler's noise
+    # (the original's step draws from the global RNG) come from our per-video generators.
+    twins = [sample.video_generator(0, i) for i in range(B)]
+    noise = lambda shape, *a, **k: diffusion.randn(  # noqa: E731
+        (B, shape[2], shape[1], *shape[3:]), twins).permute(0, 2, 1, 3, 4)
+    monkeypatch.setattr(ddpm_module, "randn_tensor", noise)
+    with torch.no_grad():
+        expected = original_loop(ref, ref_scheduler, cond, ef, noise, frames, 8, ef_order)
+        got = sample.sample_latents(ours, scheduler, cond, ef,
+                                    [sample.video_generator(0, i) for i in range(B)], frames, 8, 4)
+    return got, expected
+
+
+@needs_diffusers
+@pytest.mark.parametrize("B, sampler, ef_order", [(2, "ddpm", "fixed"), (1, "ddpm", "original"),
+                                                  (1, "ddim", "original")])
+def test_sampling_loop_equals_original(folders, monkeypatch, B, sampler, ef_order):
+    """With the same UNet, conditioning, EFs and noise, our stitched loop (3 windows) gives the
+    original's latents within 1e-5 (B = 1: the original's exact EF order)."""
+    got, expected = compare_with_original(folders, monkeypatch, B, sampler, ef_order)
+    assert got.shape == expected.shape == (B, 16, 4, 6, 6)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@needs_diffusers
+def test_original_ef_order_gives_windows_another_videos_ef(folders, monkeypatch):
+    """The original stacks windows window-major but repeats EF batch-major: with 2 videos of
+    different EF, some windows get the other video's EF (a bug we do not copy)."""
+    got, expected = compare_with_original(folders, monkeypatch, 2, "ddpm", "original", steps=1)
+    assert (got - expected).abs().max() > 1e-3
+
+
+@needs_diffusers
+def test_decode_equals_original(folders):
+    """Decoding equals the original's: diffusers' VAE on latents / scaling_factor, (x + 1) * 128,
+    clamped, truncated to uint8 (at most 1 level apart, where rounding straddles an integer)."""
+    ref = diffusers.AutoencoderKL.from_pretrained(folders / "vae").eval()
+    ours = model.load_model(str(folders / "vae"))
+    z = torch.randn(1, 3, 4, 14, 14, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x = ref.decode(z[0] / ref.config.scaling_factor).sample
+        expected = ((x + 1) * 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        got = sample.decode(ours, z, chunk=2)
+    assert got.shape == (1, 3, 112, 112, 3) and got.dtype == np.uint8
+    assert np.abs(got[0].astype(int) - expected).max() <= 1
+
+
+def test_guidance_mixes_in_the_null_ef_prediction():
+    """With guidance s the UNet also sees NULL_EF and the step gets v_u + s (v_c - v_u): for a
+    stand-in UNet whose v is its EF, that is a plain run at EF NULL_EF + s (ef - NULL_EF)."""
+    def unet(x, t, ef, ids):  # [N, F, 8, h, w] -> v = ef everywhere, [N, F, 4, h, w]
+        return x[:, :, :4] * 0 + ef.view(-1, 1, 1, 1, 1)
+
+    cond, ef, s = torch.randn(2, 4, 6, 6), torch.tensor([0.3, 0.7]), 2.5
+    runs = []
+    for e, guidance in ((ef, s), (diffusion.NULL_EF + s * (ef - diffusion.NULL_EF), 1.0)):
+        scheduler = diffusion.DDPM()
+        scheduler.set_timesteps(3)
+        gens = [sample.video_generator(1, i) for i in range(2)]
+        runs.append(sample.sample_latents(unet, scheduler, cond, e, gens, 12, 8, 4, guidance))
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def test_outputs_readable_and_filelist_matches(folders, tmp_path):
+    """jpg folders read as StyleGAN-V reads them (sorted sample_XXXXXX/0000.jpg, 112x112x3),
+    avi/mp4 decode with PyAV to the same frame count and size, gif/png/pt are complete, and
+    FileList.csv lists exactly the videos with the frame count (not the batch size)."""
+    out = tmp_path / "out"
+    run(folders, out, "--num_samples", "2", "--batch_size", "2", "--frames", "10",
+        "--save_as", "avi,mp4,gif,jpg,png,pt")
+    names = ["sample_000000", "sample_000001"]
+    assert sorted(os.listdir(out / "jpg")) == names
+    for name in names:
+        frames = sorted(os.listdir(out / "jpg" / name))
+        assert frames == [f"{i:04d}.jpg" for i in range(12)]  # 10 rounded up to 12 (stride 4)
+        for f in frames:
+            assert np.array(Image.open(out / "jpg" / name / f)).shape == (112, 112, 3)
+        assert len(os.listdir(out / "png" / name)) == 12
+        for fmt in ("avi", "mp4"):
+            with av.open(str(out / fmt / f"{name}.{fmt}")) as container:
+                decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert len(decoded) == 12 and decoded[0].shape == (112, 112, 3)
+        assert Image.open(out / "gif" / f"{name}.gif").n_frames == 12
+        assert torch.load(out / "pt" / f"{name}.pt").shape == (12, 4, 14, 14)
+    with open(out / "FileList.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["FileName"] for r in rows] == names
+    for r in rows:
+        assert (r["FrameHeight"], r["FrameWidth"], r["FPS"], r["NumberOfFrames"], r["Split"]) == \
+            ("112", "112", "32", "12", "TRAIN")
+        assert 10 <= int(r["EF"]) <= 90
+    assert not [n for fmt in sample.FORMATS if (out / fmt).is_dir()
+                for n in os.listdir(out / fmt) if n.endswith(".tmp")]
+
+
+def test_resume_gives_the_same_videos_as_an_unbroken_run(folders, tmp_path, monkeypatch):
+    """A run killed part-way (one video done, one half-written) and started again, at other
+    batch sizes, ends with the same 4 videos and FileList as an unbroken run."""
+    run(folders, tmp_path / "a", "--num_samples", "4", "--batch_size", "4", "--save_as", "pt,jpg")
+
+    calls, save_video = [], sample.data.save_video
+
+    def killed_at_the_second_video(path, frames, fps, fmt):
+        calls.append(path)
+        if len(calls) == 2:  # batch 1 (videos 0-2): 0 finished, 1 has pt only, 2 nothing
+            open(path + ".tmp", "w").close()  # a temporary file left behind
+            raise KeyboardInterrupt
+        save_video(path, frames, fps, fmt)
+
+    monkeypatch.setattr(sample.data, "save_video", killed_at_the_second_video)
+    with pytest.raises(SystemExit, match="interrupted"):
+        run(folders, tmp_path / "b", "--num_samples", "4", "--batch_size", "3", "--save_as",
+            "pt,jpg")
+    assert sorted(os.listdir(tmp_path / "b" / "pt")) == ["sample_000000.pt", "sample_000001.pt"]
+    monkeypatch.setattr(sample.data, "save_video", save_video)
+    run(folders, tmp_path / "b", "--num_samples", "4", "--batch_size", "2", "--save_as", "pt,jpg")
+
+    for i in range(4):
+        name = f"sample_{i:06d}"
+        a, b = (torch.load(tmp_path / d / "pt" / f"{name}.pt") for d in ("a", "b"))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # batch size changes float rounding
+        assert len(os.listdir(tmp_path / "b" / "jpg" / name)) == 8
+    assert (tmp_path / "a" / "FileList.csv").read_text() == \
+        (tmp_path / "b" / "FileList.csv").read_text()
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "b" / "jpg"))
+
+
+def test_conditioning_files_taken_in_turn_in_name_order(folders):
+    """Video i uses file i mod N of the sorted names (a.pt, b.pt, c.pt, a.pt, ...)."""
+    paths = sample.list_conditioning(str(folders / "cond"))
+    assert [os.path.basename(paths[i % len(paths)]) for i in range(5)] == \
+        ["a.pt", "b.pt", "c.pt", "a.pt", "b.pt"]
+
+
+def test_image_conditioning_is_a_seeded_posterior_sample(folders, tmp_path):
+    """Frames are encoded as the original: x / 128 - 1, a posterior sample (from the video's own
+    generator) times the scaling factor; gray and png files work."""
+    frame = np.random.default_rng(0).integers(0, 256, (112, 112), dtype=np.uint8)
+    Image.fromarray(frame).save(tmp_path / "f.png")
+    vae = model.load_model(str(folders / "vae"))
+    with torch.no_grad():
+        got = sample.conditioning([str(tmp_path / "f.png")], (4, 14, 14), vae,
+                                  [sample.video_generator(5, 7)], "cpu")
+        x = torch.from_numpy(frame).float()[None, None].repeat(1, 3, 1, 1) / 128 - 1
+        expected = vae.encode(x).sample(sample.video_generator(5, 7)) * vae.config.scaling_factor
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_ef_from_filelist_draws_real_efs(folders, tmp_path):
+    """--ef_from draws each video's EF from the real EF column (within min..max), seeded."""
+    (tmp_path / "FileList.csv").write_text(
+        "FileName,EF,Split\na,12.5,TRAIN\nb,47.25,VAL\nc,80,TEST\nd,95,TRAIN\n")
+    efs = [12.5, 47.25, 80.0]
+    run(folders, tmp_path / "out", "--num_samples", "3", "--num_steps", "1", "--save_as", "pt",
+        "--ef_from", str(tmp_path / "FileList.csv"))
+    with open(tmp_path / "out" / "FileList.csv") as f:
+        got = [float(r["EF"]) for r in csv.DictReader(f)]
+    draws = [sample.draw_ef(sample.video_generator(0, i), 10, 90, efs) for i in range(20)]
+    assert got == draws[:3] and set(draws) == set(efs)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, message", [
+    ("missing conditioning", "missing --conditioning"),
+    ("empty conditioning", "no .pt latents"),
+    ("wrong latent shape", "shape (4, 16, 16), expected (4, 14, 14)"),
+    ("vae as unet", "holds a AutoencoderKL, expected a UNetSpatioTemporalConditionModel"),
+    ("missing vae", "HReynaud/EchoNet-Synthetic"),
+    ("min above max", "need 0 <= min_lvef <= max_lvef <= 100"),
+    ("ef above 100", "need 0 <= min_lvef <= max_lvef <= 100"),
+    ("settings changed", "other settings (seed 0 -> 1)"),
+])
+def test_bad_input_gives_one_line_error(folders, tmp_path, capsys, case, message):
+    """Bad input exits non-zero with a one-line message naming the problem, no traceback."""
+    cond, unet, vae = folders / "cond", folders / "unet", folders / "vae"
+    extra = []
+    if case == "missing conditioning":
+        cond = tmp_path / "nowhere"
+    elif case == "empty conditioning":
+        cond = tmp_path / "empty"
+        os.makedirs(cond)
+    elif case == "wrong latent shape":
+        cond = tmp_path / "wrong"
+        os.makedirs(cond)
+        torch.save(torch.zeros(4, 16, 16), cond / "x.pt")
+    elif case == "vae as unet":
+        unet = vae
+    elif case == "missing vae":
+        vae = tmp_path / "no-vae"
+    elif case == "min above max":
+        extra = ["--min_lvef", "60", "--max_lvef", "40"]
+    elif case == "ef above 100":
+        extra = ["--max_lvef", "120"]
+    elif case == "settings changed":
+        os.makedirs(tmp_path / "out")
+        (tmp_path / "out" / "settings.json").write_text('{"seed": 0}')
+        extra = ["--seed", "1"]
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--unet", str(unet), "--vae", str(vae), "--conditioning", str(cond),
+                     "--output", str(tmp_path / "out"), "--num_steps", "1", *extra])
+    assert e.value.code not in (0, None)
+    assert str(e.value).startswith("error: ") and message in str(e.value)
+    assert "\n" not in str(e.value) and "Traceback" not in capsys.readouterr().err
+
+
+def test_unknown_format_is_a_usage_error(capsys):
+    """--save_as with an unknown format is refused by the argument parser (exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--save_as", "avi,webm"])
+    assert e.value.code == 2 and "choose from avi,mp4,gif,jpg,png,pt" in capsys.readouterr().err
