@@ -371,6 +371,61 @@ def merge_windows(y, B, frames, window=64, stride=32):
     return torch.cat([y[:, 0], tails], dim=1)  # [B, frames, ...]
 
 
+# --- the LVDM's call of its UNet, and its sampling loop ------------------------------------------
+
+
+def predict(unet, x_t, cond, t, ef):
+    """The UNet's prediction as EchoNet-Synthetic calls it (train.py and sample.py alike).
+
+    x_t [B, F, C, h, w] noisy latents; cond [B, C, h, w] the conditioning frame's latent, repeated
+    over the F frames and concatenated on channels (8 input channels); t 0-dim or [B]; ef [B]
+    (EF / 100 or NULL_EF) as encoder_hidden_states [B, 1, 1]; added_time_ids zeros [B, 1] (they
+    have no effect). Sizes are replicate-padded to the next multiple of 8 and cropped back:
+    14 -> 1 px per side -> 16, as the original's pad = (8 - 14 % 8) // 2 (which would also pad a
+    16x16 input by 4 px per side; we pad multiples of 8 by nothing). Returns [B, F, C, h, w].
+    """
+    B, Fr, C, h, w = x_t.shape
+    x = torch.cat([x_t, cond[:, None].expand(B, Fr, C, h, w)], dim=2)  # [B, F, 2C, h, w]
+    ph, pw = -h % 8, -w % 8
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
+    if ph or pw:
+        x = torch.nn.functional.pad(x.flatten(0, 1), pads, mode="replicate").unflatten(0, (B, Fr))
+    ids = torch.zeros(B, 1, device=x.device, dtype=x.dtype)
+    v = unet(x, t, ef.reshape(B, 1, 1).to(x.dtype), ids)  # [B, F, C, h + ph, w + pw]
+    return v[..., pads[2]:pads[2] + h, pads[0]:pads[0] + w]
+
+
+@torch.no_grad()
+def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, guidance=1.0,
+           amp=None):
+    """Denoise B videos of `frames` frames (<= window, or window + k * stride) from pure noise.
+
+    cond [B, C, h, w] scaled latents; ef [B] (EF / 100); generators: one per video (its initial
+    noise, then the scheduler's noise at every step), so a video does not depend on the batch.
+    Each step runs all R windows of all videos in one UNet call (batch-major: cond and ef are
+    repeated R times per video), merges them (window 0 whole, then the last `stride` frames of
+    each later window), and takes one scheduler step on the whole video in fp32. guidance != 1
+    adds the NULL_EF pass in the same call (Ho & Salimans 2022). `amp`: an autocast context for
+    the UNet call. Returns latents [B, frames, C, h, w] (fp32). Call scheduler.set_timesteps first.
+    """
+    B, C, h, w = cond.shape
+    x = randn((B, frames, C, h, w), generators, cond.device, torch.float32)
+    R = len(window_starts(frames, window, stride))  # 192 frames -> 5
+    cond_w, ef_w = cond.repeat_interleave(R, 0), ef.repeat_interleave(R, 0)
+    guide = guidance != 1
+    if guide:  # one doubled batch: [conditional; null EF]
+        cond_w = torch.cat([cond_w, cond_w])
+    for t in scheduler.timesteps:
+        x_w = split_windows(x, window, stride)  # [B*R, window, C, h, w]
+        x_in, ef_in = cfg_inputs(x_w, ef_w) if guide else (x_w, ef_w)
+        with amp or torch.autocast("cpu", enabled=False):
+            v = predict(unet, x_in, cond_w, t, ef_in).float()
+        if guide:
+            v = guided(*v.chunk(2), guidance)
+        x = scheduler.step(merge_windows(v, B, frames, window, stride), t, x, generator=generators)
+    return x
+
+
 # --- EMA of the weights ------------------------------------------------------------------------
 
 

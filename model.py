@@ -993,6 +993,10 @@ VAE_PRESETS = {
     "small": VAEConfig(
         block_out_channels=(32, 64, 64, 64), layers_per_block=1, sample_size=112,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    "phantom": VAEConfig(  # the CPU demo's: 8 groups so 16 channels fit, no mid attention
+        block_out_channels=(16, 32, 32, 64), layers_per_block=1, sample_size=112,
+        norm_num_groups=8, mid_block_add_attention=False,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
     "tiny": VAEConfig(
         block_out_channels=(32, 32, 32, 32), layers_per_block=1, sample_size=112,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),

@@ -100,49 +100,6 @@ def draw_ef(generator, low, high, real_efs=None):
     return real_efs[int(torch.randint(len(real_efs), (1,), generator=generator))]
 
 
-def denoise(unet, x_t, cond, t, ef):
-    """The UNet's prediction for x_t [N, F, C, h, w] given the conditioning frame latent
-    cond [N, C, h, w] and ef [N] (EF / 100), as the original calls it: the frame repeated over F
-    and concatenated on channels, replicate-padded to a multiple of 8 (the original's
-    pad = (8 - w % 8) // 2: 14 -> 1 px each side -> 16), cropped back. Returns [N, F, C, h, w]."""
-    N, F, C, h, w = x_t.shape
-    x = torch.cat([x_t, cond[:, None].expand(N, F, C, h, w)], dim=2)            # [N, F, 2C, h, w]
-    pad = (8 - w % 8) // 2
-    x = torch.nn.functional.pad(x.flatten(0, 1), (pad,) * 4, mode="replicate").unflatten(0, (N, F))
-    ids = torch.zeros(N, 1, device=x.device, dtype=x.dtype)  # added_time_ids: unused, zeros
-    v = unet(x, t, ef.view(N, 1, 1).to(x.dtype), ids)              # [N, F, C, h + 2p, w + 2p]
-    return v[..., pad:pad + h, pad:pad + w]
-
-
-def sample_latents(unet, scheduler, cond, ef, generators, frames, window=64, stride=32,
-                   guidance=1.0):
-    """Denoise a batch of B videos of `frames` frames (window + k * stride, or <= window).
-
-    cond [B, C, h, w] scaled latents, ef [B] (EF / 100), generators: B CPU generators (initial
-    noise, then the scheduler's noise at each step). Every step runs all R windows of all videos
-    in one UNet call (batch-major, so ef and cond are repeated R times per video), merges them
-    (window 0 whole, then the last `stride` frames of the next ones) and takes one scheduler step
-    on the whole video, in fp32. Returns latents [B, frames, C, h, w] (fp32)."""
-    B, C, h, w = cond.shape
-    x = diffusion.randn((B, frames, C, h, w), generators, cond.device, torch.float32)
-    R = len(diffusion.window_starts(frames, window, stride))  # 192 frames -> 5
-    cond_w, ef_w = cond.repeat_interleave(R, 0), ef.repeat_interleave(R, 0)
-    guide = guidance != 1  # then one doubled batch: [conditional; null EF]
-    cond_w = torch.cat([cond_w, cond_w]) if guide else cond_w
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cond.device.type == "cuda"
-           else nullcontext())
-    for t in scheduler.timesteps:
-        x_w = diffusion.split_windows(x, window, stride)                      # [B*R, window, ...]
-        x_in, ef_in = diffusion.cfg_inputs(x_w, ef_w) if guide else (x_w, ef_w)
-        with amp:
-            v = denoise(unet, x_in, cond_w, t, ef_in).float()
-        if guide:
-            v = diffusion.guided(*v.chunk(2), guidance)
-        v = diffusion.merge_windows(v, B, frames, window, stride)             # [B, frames, ...]
-        x = scheduler.step(v, t, x, generator=generators)
-    return x
-
-
 def decode(vae, latents, chunk=8):
     """Scaled latents [B, F, C, h, w] -> uint8 RGB frames [B, F, H, W, 3], as the original: VAE
     decode of latents / scaling_factor in fp32, chunk frames at a time; (x + 1) * 128, clamped to
@@ -337,8 +294,11 @@ def run(args, formats):
         with torch.inference_mode():
             cond = conditioning([paths[i % len(paths)] for i in index], (C, S, S), vae,
                                 generators, device)
-            latents = sample_latents(unet, scheduler, cond, ef, generators, max(frames, window),
-                                     window, window // 2, args.guidance)[:, :frames]
+            amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                   else None)  # bf16 UNet on GPU; the scheduler maths stay fp32
+            latents = diffusion.sample(unet, scheduler, cond, ef, generators,
+                                       max(frames, window), window, window // 2, args.guidance,
+                                       amp)[:, :frames]
             videos = decode(vae, latents, args.decode_chunk)
         for i, video, z in zip(index, videos, latents):
             save(args.output, i, video, z, formats)

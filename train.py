@@ -167,23 +167,6 @@ def resolve_config(argv=None):
 # --- building blocks ---------------------------------------------------------------------------
 
 
-def unet_forward(unet, x_t, cond, t, ef):
-    """The original's UNet call: v = unet([x_t, cond repeated over F], t, ef), padded to 16x16.
-
-    x_t [B, F, C, H, W]; cond [B, C, H, W] (the conditioning frame's latent); t [B] or 0-dim;
-    ef [B] (EF / 100 or NULL_EF). Returns [B, F, C, H, W]. 14x14 latents are replicate-padded by
-    (-14 % 8) // 2 = 1 pixel per side to 16x16, as the original's padf, and cropped back.
-    """
-    B, Fr, C, H, W = x_t.shape
-    x = torch.cat([x_t, cond[:, None].expand(B, Fr, C, H, W)], dim=2)  # [B, F, 2C, H, W]
-    p = (-H % 8) // 2
-    if p:
-        x = F.pad(x.flatten(0, 1), (p, p, p, p), mode="replicate").unflatten(0, (B, Fr))
-    ids = torch.zeros(B, 1, device=x.device, dtype=x.dtype)  # added_time_ids: unused, zeros
-    v = unet(x, t, ef.view(B, 1, 1).to(x.dtype), ids)  # [B, F, C, H + 2p, W + 2p]
-    return v[..., p:p + H, p:p + W]
-
-
 def clip_generators(seed, step, positions):
     """One CPU generator per clip, seeded with (seed, step, position in the global batch): a
     clip's noise, t and EF dropout do not depend on how the batch is split over processes."""
@@ -209,7 +192,7 @@ def lvdm_loss(unet, scheduler, batch, gens, cfg, amp, device):
     x_t = scheduler.add_noise(x0, noise, t)
     v = scheduler.get_velocity(x0, noise, t)
     with amp:
-        v_pred = unet_forward(unet, x_t, cond, t, ef)
+        v_pred = diffusion.predict(unet, x_t, cond, t, ef)
     return diffusion.masked_mse(v_pred, v, batch["n_real"].to(device))
 
 
@@ -289,19 +272,9 @@ def preview_lvdm(unet, vae, item, cfg, amp, device, path):
     cond = item["cond"].to(device).expand(n, *shape)
     sampler = diffusion.DDIM() if cfg["preview_sampler"] == "ddim" else diffusion.DDPM()
     sampler.set_timesteps(cfg["preview_steps"])
-    g = torch.Generator().manual_seed(cfg["seed"])
-    x = diffusion.randn((n, Fr, *shape), g, device)
-    scale = cfg["preview_guidance"]
-    for t in sampler.timesteps:
-        if scale == 1:
-            with amp:
-                v = unet_forward(unet, x, cond, t, efs).float()
-        else:  # conditional and NULL_EF passes in one call (Ho & Salimans 2022)
-            x2, ef2 = diffusion.cfg_inputs(x, efs)
-            with amp:
-                v2 = unet_forward(unet, x2, torch.cat([cond, cond]), t, ef2).float()
-            v = diffusion.guided(*v2.chunk(2), scale)
-        x = sampler.step(v, t, x, generator=g)
+    gens = [torch.Generator().manual_seed(cfg["seed"] + i) for i in range(n)]
+    x = diffusion.sample(unet, sampler, cond, efs, gens, Fr, window=Fr,
+                         guidance=cfg["preview_guidance"], amp=amp)
     fake = to_pixels(x.flatten(0, 1), vae)
     fake = fake.reshape(n, Fr, *fake.shape[1:])  # [n, F, 112, 112, 3]
     real = to_pixels(item["latents"].to(device), vae)

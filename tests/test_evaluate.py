@@ -681,10 +681,10 @@ def test_fid_and_is_read_the_first_frames_in_sorted_order(coded):
 
 def test_metric_names_parse():
     opts = E.Options(real=None, fake="x")
-    for name in ["fid50k", "fvd2048_16", "ef", "is50k_full"]:
+    for name in ["fid50k", "fvd2048_16", "efx", "is50k_full"]:
         with pytest.raises(E.EvalError, match="unknown metric"):
             E.calc_metric(opts, name)
-    assert {r"fid(\d+)(k?)_full", r"fvd(\d+)_(\d+)f", r"is(\d+)(k?)"} <= set(E.METRICS)
+    assert {r"fid(\d+)(k?)_full", r"fvd(\d+)_(\d+)f", r"is(\d+)(k?)", "ef"} <= set(E.METRICS)
 
 
 def test_clear_errors(coded, detectors, tmp_path):

@@ -120,7 +120,7 @@ def compare_with_original(folders, monkeypatch, B, sampler, ef_order, frames=16,
     monkeypatch.setattr(ddpm_module, "randn_tensor", noise)
     with torch.no_grad():
         expected = original_loop(ref, ref_scheduler, cond, ef, noise, frames, 8, ef_order)
-        got = sample.sample_latents(ours, scheduler, cond, ef,
+        got = diffusion.sample(ours, scheduler, cond, ef,
                                     [sample.video_generator(0, i) for i in range(B)], frames, 8, 4)
     return got, expected
 
@@ -171,7 +171,7 @@ def test_guidance_mixes_in_the_null_ef_prediction():
         scheduler = diffusion.DDPM()
         scheduler.set_timesteps(3)
         gens = [sample.video_generator(1, i) for i in range(2)]
-        runs.append(sample.sample_latents(unet, scheduler, cond, e, gens, 12, 8, 4, guidance))
+        runs.append(diffusion.sample(unet, scheduler, cond, e, gens, 12, 8, 4, guidance))
     torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
 
 
