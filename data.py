@@ -8,7 +8,7 @@ phantom echo world (generator + EF measurement) and three commands.
 Follows EchoNet-Synthetic (Reynaud et al., MICCAI 2024): the `Latent` dataset of
 `echosyn/common/datasets.py`, `scripts/encode_video_dataset.py`,
 `scripts/create_reference_dataset.py` and `scripts/complete_pediatrics_filelist.py`.
-Data layout, the phantom world and the differences from the original: notes/README-data.md.
+Data layout, the phantom world and the differences from the original: docs/data.md.
 """
 
 import argparse

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import scipy.linalg
 import torch
 import torch.distributed as dist
@@ -1123,10 +1124,37 @@ def read_fake_videos(root):
         yield name, np.stack(stack)
 
 
+def ef_strip(path, rows, thumbs, real=None, n=6):
+    """A picture for people: up to n generated videos spread over the requested EFs, one per row
+    (8 frames across the clip, labelled), each next to the real video of nearest EF when `real`
+    is an EchoNet-layout root (e.g. the phantoms), 8 frames over the same duration."""
+    rows = sorted(rows, key=lambda r: r[1])
+    rows = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, n).round().astype(int)))]
+    truth = []
+    if real and os.path.isfile(os.path.join(real, "FileList.csv")):
+        truth = data.read_filelist(real, probe=False)
+    lines = []
+    for name, asked, measured in rows:
+        frames, seconds = thumbs[name]
+        parts, label = [frames], f"asked {asked:.0f}\nmeasured {measured:.0f}"
+        if truth:
+            near = min(truth, key=lambda t: abs(t["EF"] - asked))
+            video, fps = data.read_video(os.path.join(real, "Videos", near["FileName"] + ".avi"))
+            last = min(len(video), round(fps * seconds)) - 1
+            parts.append(video[np.linspace(0, last, 8).round().astype(int)])
+            label += f"\nreal: EF {near['EF']:.0f}"
+        strip = np.concatenate([np.concatenate(list(p), axis=1) for p in parts], axis=1)
+        head = PIL.Image.new("RGB", (96, strip.shape[0]))
+        PIL.ImageDraw.Draw(head).multiline_text((4, 4), label, fill=(255, 255, 0))
+        lines.append(np.concatenate([np.asarray(head), strip[..., :3]], axis=1))
+    PIL.Image.fromarray(np.concatenate(lines, axis=0)).save(path)
+
+
 def ef_metric(opts):
     """ef: each video's EF measured from its LV cavity (data.measure_ef: phantom videos only)
     against the EF it was asked for (FileList.csv): Pearson r and mean absolute error in EF
-    points. The per-video table is written to ef_measured.csv beside the FileList."""
+    points. Writes ef_measured.csv (per video) and ef_strip.png (a picture, generated next to
+    real when --real is the phantom dataset) beside the FileList."""
     candidates = [opts.filelist] if opts.filelist else [
         os.path.join(opts.fake, "FileList.csv"), os.path.join(opts.fake, "..", "FileList.csv")]
     filelist = next((p for p in candidates if os.path.isfile(p)), None)
@@ -1134,23 +1162,28 @@ def ef_metric(opts):
         raise EvalError(f"ef: no FileList.csv with the requested EFs at {candidates} "
                         "(give --filelist)")
     try:
-        requested = {row["FileName"]: row["EF"]
-                     for row in data.read_filelist(os.path.dirname(filelist), probe=False)}
+        listed = {row["FileName"]: row
+                  for row in data.read_filelist(os.path.dirname(filelist), probe=False)}
     except data.DataError as err:
         raise EvalError(f"ef: {err}") from None
-    rows = []
+    rows, thumbs = [], {}
     videos = read_fake_videos(opts.fake)
     for name, frames in tqdm(videos, desc="ef", disable=not opts.progress, unit="video"):
-        if name not in requested:
+        if name not in listed:
             raise EvalError(f"ef: video {name} of {opts.fake} is not in {filelist}")
-        rows.append((name, requested[name], data.measure_ef(frames)["ef"]))
+        rows.append((name, listed[name]["EF"], data.measure_ef(frames)["ef"]))
+        if len(thumbs) < 64:  # frames for the picture (and their duration), first videos only
+            thumbs[name] = (frames[np.linspace(0, len(frames) - 1, 8).round().astype(int)],
+                            len(frames) / float(listed[name].get("FPS") or 32))
     if not rows:
         raise EvalError(f"ef: no videos in {opts.fake}")
-    out = os.path.join(os.path.dirname(filelist), "ef_measured.csv")
+    folder = os.path.dirname(filelist)
     if opts.rank == 0:
-        with open(out, "w") as f:
+        with open(os.path.join(folder, "ef_measured.csv"), "w") as f:
             f.write("FileName,RequestedEF,MeasuredEF\n")
             f.writelines(f"{n},{r:.2f},{m:.2f}\n" for n, r, m in rows)
+        ef_strip(os.path.join(folder, "ef_strip.png"), [r for r in rows if r[0] in thumbs],
+                 thumbs, opts.real)
     scores = data.ef_adherence([r[1] for r in rows], [r[2] for r in rows])
     return {"ef_pearson_r": scores["pearson_r"], "ef_mae": scores["mae"], "ef_n": scores["n"]}
 

@@ -5,7 +5,7 @@ by hand: copy `checkpoint-500000/unet_ema/` and the config to `models/lvdm`.
 
     python export.py                          # newest out/**/checkpoint-*/ -> models/lvdm
     python export.py --checkpoint out/lvdm/checkpoint-500000 --out models/lvdm --force
-    python export.py --checkpoint out/vae_phantom/checkpoint-3000 --out models/vae_phantom
+    python export.py --checkpoint out/vae_phantom --out models/vae_phantom   # a run: its newest
     python export.py --weights model          # the raw weights instead of the EMA
 
 A checkpoint is train.py's `checkpoint-<step>/`: plain state dicts in model.pt, ema.pt
@@ -28,7 +28,8 @@ import model
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", default=None,
-                    help="checkpoint-<step>/ folder (default: the newest one under out/ or out/*/)")
+                    help="checkpoint-<step>/ folder, or a run folder (its newest checkpoint) "
+                    "(default: the newest one under out/ or out/*/)")
 parser.add_argument("--out", default=None,
                     help="model folder to write (default: models/lvdm for a UNet, models/vae for a "
                          "VAE, the paths sample.py reads)")
@@ -153,6 +154,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         checkpoint = args.checkpoint or latest_checkpoint()
+        if checkpoint and os.path.isdir(checkpoint) and not is_checkpoint(checkpoint):
+            checkpoint = latest_checkpoint(checkpoint) or checkpoint  # a run folder: its newest
         if checkpoint is None:
             raise CheckpointError(f"no checkpoint-<step>/ under {TRAIN_OUT}/: train first "
                                   "(python train.py ...), or give --checkpoint")

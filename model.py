@@ -979,6 +979,12 @@ UNET_PRESETS = {
         up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 2,
         layers_per_block=1, cross_attention_dim=1, addition_time_embed_dim=1,
         projection_class_embeddings_input_dim=1, num_frames=32),
+    "phantom": UNetConfig(  # the CPU demo's: 2 resolutions, about 1.3 M parameters
+        sample_size=14, block_out_channels=(32, 64), num_attention_heads=(2, 4),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        layers_per_block=1, cross_attention_dim=1, addition_time_embed_dim=1,
+        projection_class_embeddings_input_dim=1, num_frames=24),
     "tiny": UNetConfig(
         sample_size=14, block_out_channels=(32, 64), num_attention_heads=(2, 4),
         down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),

@@ -10,7 +10,7 @@ Follows EchoNet-Synthetic's `echosyn/lvdm/sample.py` (its flags and its algorith
 files taken in turn), but every video has its own random generator, seeded from (--seed, its
 index), so a video is the same at any batch size; a killed run started again skips the finished
 videos. Outputs: <output>/<format>/sample_000000[.ext] and <output>/FileList.csv.
-Differences from the original and its bugs: notes/README-sample.md.
+Differences from the original and its bugs: docs/sample.md.
 """
 
 import argparse
@@ -39,7 +39,9 @@ group.add_argument("--unet", default="models/lvdm", help="UNet model folder or t
                    "checkpoint under out/)")
 group.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
 group.add_argument("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt "
-                   "latents (scaled) or .jpg/.png frames (default: %(default)s)")
+                   "latents (scaled) or .jpg/.png frames, or an encoded dataset root "
+                   "(FileList.csv + Latents/: first frames of its TEST videos) "
+                   "(default: %(default)s)")
 group.add_argument("--config", help="ignored (model folders carry their config); accepted so the "
                    "original's commands run")
 group = parser.add_argument_group("sampling")
@@ -57,6 +59,9 @@ group.add_argument("--frames", type=int, default=192, help="frames per video at 
                    "up to a multiple of 32 (half the UNet's num_frames) (default: %(default)s)")
 group.add_argument("--seed", type=int, default=0, help="video i uses a generator seeded with "
                    "(seed, i) (default: %(default)s)")
+group.add_argument("--fps", type=float, default=32, help="frame rate the UNet was trained at, "
+                   "written to the videos and FileList.csv (the original's 32) "
+                   "(default: %(default)s)")
 group = parser.add_argument_group("output")
 group.add_argument("--output", default="samples/lvdm", help="output folder (default: %(default)s)")
 group.add_argument("--save_as", default="avi,jpg", help="any of avi,mp4,gif,jpg,png (frame "
@@ -70,7 +75,6 @@ group.add_argument("--device", default="cuda" if torch.cuda.is_available() else 
 group.add_argument("--dry_run", action="store_true", help="print the resolved settings and exit")
 
 FORMATS = ("avi", "mp4", "gif", "jpg", "png", "pt")
-FPS = 32  # the frame rate the LVDM is trained at (the original's globals.target_fps)
 UNET, VAE = "UNetSpatioTemporalConditionModel", "AutoencoderKL"
 GET_WEIGHTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ -> models/lvdm,"
                " vae/ -> models/vae) or train your own (make demo; or python train.py ... then "
@@ -127,9 +131,23 @@ def load_unet(path):
 
 
 def list_conditioning(folder):
-    """The conditioning files sorted by name: all .pt files, or all .jpg/.jpeg/.png files."""
+    """The conditioning files sorted by name: all .pt files, or all .jpg/.jpeg/.png files; or,
+    for an encoded EchoNet-layout root (FileList.csv + Latents/), the latent videos of its TEST
+    split, whose first frames animate real hearts."""
     if not os.path.isdir(folder):
         raise SampleError(f"--conditioning {folder}: no such folder; {GET_CONDITIONING}")
+    latents = os.path.join(folder, "Latents")
+    if os.path.isfile(os.path.join(folder, "FileList.csv")) and os.path.isdir(latents):
+        try:
+            rows = data.read_filelist(folder, probe=False)
+        except data.DataError as e:
+            raise SampleError(str(e)) from None
+        paths = [os.path.join(latents, r["FileName"] + ".pt") for r in rows
+                 if r["Split"] == "TEST"]
+        paths = [p for p in paths if os.path.isfile(p)]
+        if not paths:
+            raise SampleError(f"--conditioning {folder}: no TEST videos with a latent in Latents/")
+        return paths
     names = sorted(os.listdir(folder))
     pts = [n for n in names if n.lower().endswith(".pt")]
     images = [n for n in names if n.lower().endswith((".jpg", ".jpeg", ".png"))]
@@ -140,12 +158,14 @@ def list_conditioning(folder):
 
 
 def read_conditioning(path, shape):
-    """A conditioning file: a latent of `shape` [C, h, w] (fp32), or an RGB frame [3, 8h, 8w]
-    (uint8, for a VAE with 4 levels)."""
+    """A conditioning file: a latent of `shape` [C, h, w] (fp32) or a latent video [T, C, h, w]
+    (its first frame), or an RGB frame [3, 8h, 8w] (uint8, for a VAE with 4 levels)."""
     latent = path.lower().endswith(".pt")
     try:
         if latent:
             x = torch.load(path, map_location="cpu", weights_only=True)
+            if torch.is_tensor(x) and x.ndim == 4 and tuple(x.shape[1:]) == tuple(shape):
+                x = x[0]  # a latent video: its first frame
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         else:
             with Image.open(path) as im:
@@ -174,7 +194,7 @@ def output_path(out, fmt, index):
     return os.path.join(out, fmt, name if fmt in ("jpg", "png") else f"{name}.{fmt}")
 
 
-def save(out, index, frames, latents, formats):
+def save(out, index, frames, latents, formats, fps):
     """One video in every format, each written under a temporary name and renamed."""
     for fmt in formats:
         path = output_path(out, fmt, index)
@@ -182,7 +202,7 @@ def save(out, index, frames, latents, formats):
             torch.save(latents.cpu().clone(), path + ".tmp")
             os.replace(path + ".tmp", path)
         else:
-            data.save_video(path, frames, FPS, fmt)
+            data.save_video(path, frames, fps, fmt)
 
 
 def finished(out, formats):
@@ -301,13 +321,13 @@ def run(args, formats):
                                        amp)[:, :frames]
             videos = decode(vae, latents, args.decode_chunk)
         for i, video, z in zip(index, videos, latents):
-            save(args.output, i, video, z, formats)
+            save(args.output, i, video, z, formats, args.fps)
         bar.update(len(index))
     bar.close()
 
     # FileList.csv, rebuilt from every finished video (EFs redrawn from their generators).
     rows = [{"FileName": f"sample_{i:06d}", "EF": draw_ef(video_generator(args.seed, i), *ef_args),
-             "ESV": 0, "EDV": 0, "FrameHeight": 8 * S, "FrameWidth": 8 * S, "FPS": FPS,
+             "ESV": 0, "EDV": 0, "FrameHeight": 8 * S, "FrameWidth": 8 * S, "FPS": args.fps,
              "NumberOfFrames": frames, "Split": "TRAIN"}
             for i in sorted(finished(args.output, formats))]
     data.write_filelist(os.path.join(args.output, "FileList.csv"), rows)

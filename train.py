@@ -11,10 +11,11 @@ Every config key is a flag (--max-steps or --max_steps); flags override the --co
 overrides the defaults (the paper run). The run folder (--out) holds config.json, log.jsonl,
 previews/ and checkpoint-<step>/; the same command again resumes from the latest checkpoint.
 Follows EchoNet-Synthetic's echosyn/lvdm/train.py (reference/echonet-synthetic.md, "Training")
-with nanoGPT's and DiT's DDP loop; differences from the original: notes/README-train.md.
+with nanoGPT's and DiT's DDP loop; differences from the original: docs/train.md.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -377,7 +378,9 @@ def build_model(cfg):
         raise ConfigError(f"preset {cfg['preset']!r} is not a {cfg['model']} preset; use one of "
                           f"{sorted(presets)} (model.py)")
     config = presets[cfg["preset"]]
-    return model.UNetSpatioTemporal(config) if unet else model.AutoencoderKL(config)
+    if unet:  # num_frames records the clip length: sample.py's window (forward ignores it)
+        return model.UNetSpatioTemporal(dataclasses.replace(config, num_frames=cfg["frames"]))
+    return model.AutoencoderKL(config)
 
 
 def global_batches(loader, sampler, dataset, step, accum):

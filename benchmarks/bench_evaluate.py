@@ -7,7 +7,7 @@ A measurement, not a test. Inputs are what the metrics feed the detectors [metri
 uint8 112x112 frames (Inception resizes them to 299x299, features for FID) and uint8
 [B, 3, n, 112, 112] clips (I3D rescales and resizes them to 224x224, logits for FVD). Weights
 are random: the speed does not depend on them. No reference implementation runs here (the
-StyleGAN-V detectors are TorchScript downloads); see the numbers in notes/README-evaluate.md.
+StyleGAN-V detectors are TorchScript downloads); see the numbers in docs/evaluate.md.
 """
 
 import argparse

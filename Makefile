@@ -1,0 +1,47 @@
+# The phantom demo: synthetic echoes -> VAE -> latents -> LVDM -> sampled videos -> EF adherence.
+#   make demo        ~10 minutes on a 2-core laptop CPU (small budgets: the pipeline, end to end)
+#   make demo-long   the same with budgets that let the models learn (hours on a CPU)
+#   make test        the test suite (what CI runs)
+# Everything goes under $(DEMO)/; the EF table and the numbers are printed at the end and
+# appended to $(DEMO)/results.jsonl; $(DEMO)/samples/ef_strip.png shows generated next to real.
+
+PY ?= python
+DEMO ?= demo
+VIDEOS ?= 48
+VAE_STEPS ?= 150
+LVDM_STEPS ?= 150
+SAMPLES ?= 8
+SAMPLE_STEPS ?= 20
+
+.PHONY: demo demo-long test clean-demo
+
+demo:
+	$(PY) data.py phantom --out $(DEMO)/phantom --num-videos $(VIDEOS) --seed 0
+	$(PY) train.py --config configs/vae_phantom.json --data $(DEMO)/phantom \
+	    --out $(DEMO)/runs/vae --max-steps $(VAE_STEPS) --checkpoint-every $(VAE_STEPS) \
+	    --preview-every $(VAE_STEPS)
+	$(PY) export.py --checkpoint $(DEMO)/runs/vae --out $(DEMO)/models/vae --force
+	$(PY) data.py encode --root $(DEMO)/phantom --vae $(DEMO)/models/vae --gray-scale \
+	    --batch-size 64
+	$(PY) train.py --config configs/lvdm_phantom.json --data $(DEMO)/phantom \
+	    --vae $(DEMO)/models/vae --out $(DEMO)/runs/lvdm --max-steps $(LVDM_STEPS) \
+	    --checkpoint-every $(LVDM_STEPS)
+	$(PY) export.py --checkpoint $(DEMO)/runs/lvdm --out $(DEMO)/models/lvdm --force
+	$(PY) sample.py --unet $(DEMO)/models/lvdm --vae $(DEMO)/models/vae \
+	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
+	    --batch_size $(SAMPLES) --frames 24 --fps 16 --sampler ddim --num_steps $(SAMPLE_STEPS) \
+	    --min_lvef 10 --max_lvef 90 --save_as avi,gif,jpg
+	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
+	    --out $(DEMO)/results.jsonl
+	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"
+	@echo "picture: $(DEMO)/samples/ef_strip.png  numbers appended to: $(DEMO)/results.jsonl"
+
+demo-long:
+	$(MAKE) demo DEMO=demo-long VIDEOS=200 VAE_STEPS=2000 LVDM_STEPS=5000 SAMPLES=32 \
+	    SAMPLE_STEPS=50
+
+test:
+	$(PY) -m pytest
+
+clean-demo:
+	rm -rf $(DEMO)
