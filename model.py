@@ -157,15 +157,20 @@ class RepeatedRowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, L: int, weight, bias):  # v: (B, 1, C)
         ctx.save_for_backward(v, weight)
-        return F.linear(v.expand(-1, L, -1).contiguous(), weight, bias)  # (B, L, Cout)
+        out = F.linear(v.expand(-1, L, -1).contiguous(), weight, bias)  # (B, L, Cout)
+        ctx.dtype = out.dtype  # the compute dtype, bf16/fp16 under autocast
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # grad: (B, L, Cout)
         v, weight = ctx.saved_tensors
-        g = grad.sum(1, keepdim=True)                                     # (B, 1, Cout)
-        gv = g @ weight if ctx.needs_input_grad[0] else None              # (B, 1, C)
-        gw = g.flatten(0, 1).T @ v.flatten(0, 1) if ctx.needs_input_grad[2] else None
-        gb = g.sum((0, 1)) if ctx.needs_input_grad[3] else None
+        g = grad.sum(1, keepdim=True).to(ctx.dtype)                       # (B, 1, Cout)
+        w, x = weight.to(ctx.dtype), v.to(ctx.dtype)
+        gv = (g @ w).to(v.dtype) if ctx.needs_input_grad[0] else None     # (B, 1, C)
+        gw = None
+        if ctx.needs_input_grad[2]:
+            gw = (g.flatten(0, 1).T @ x.flatten(0, 1)).to(weight.dtype)    # (Cout, C)
+        gb = g.sum((0, 1)).to(weight.dtype) if ctx.needs_input_grad[3] else None
         return gv, None, gw, gb
 
 
@@ -369,19 +374,23 @@ class TemporalConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias):  # x: (B, C, F, H, W), weight: (Cout, C, 3, 1, 1)
         x = x.contiguous()
         ctx.save_for_backward(x, weight)
-        return F.conv3d(x, weight, bias, padding=(1, 0, 0))
+        out = F.conv3d(x, weight, bias, padding=(1, 0, 0))
+        ctx.dtype = out.dtype  # the compute dtype, bf16/fp16 under autocast
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         B, C, Fr, H, W = x.shape
-        x2, w2 = x.view(B, C, Fr, H * W), weight.squeeze(-1)      # (B, C, F, H*W), (Cout, C, 3, 1)
-        g2 = grad.reshape(B, -1, Fr, H * W)
+        x2 = x.view(B, C, Fr, H * W).to(ctx.dtype)                # (B, C, F, H*W)
+        w2 = weight.squeeze(-1).to(ctx.dtype)                     # (Cout, C, 3, 1)
+        g2 = grad.reshape(B, -1, Fr, H * W).to(ctx.dtype)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             g2, x2, w2, [w2.shape[0]], (1, 1), (1, 0), (1, 1), False, (0, 0), 1,
             ctx.needs_input_grad)
-        return (gx.view(x.shape) if gx is not None else None,
-                gw.unsqueeze(-1) if gw is not None else None, gb)
+        return (gx.view(x.shape).to(x.dtype) if gx is not None else None,
+                gw.unsqueeze(-1).to(weight.dtype) if gw is not None else None,
+                gb.to(weight.dtype) if gb is not None else None)
 
 
 class TemporalResnetBlock(nn.Module):
