@@ -867,3 +867,17 @@ def test_ef_metric_errors_name_the_missing_filelist(tmp_path):
     (tmp_path / "jpg" / "v").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no FileList.csv"):
         E.main(["--fake", str(tmp_path / "jpg"), "--metrics", "ef", "--out", ""])
+
+
+def test_reference_folders_of_phantoms_are_read_by_both_readers(phantoms, tmp_path):
+    """`data.py reference` on the phantom dataset writes folders the FVD and FID readers read:
+    one folder per TRAIN video, 16 sorted 112x112 RGB frames each."""
+    import data
+    out = tmp_path / "ref"
+    count = data.make_reference(str(phantoms), str(out), frames=16, num_videos=4)
+    videos = E.list_videos(str(out))
+    assert count == len(videos) == 4
+    assert all(frames == [f"{i:04d}.jpg" for i in range(16)] for _, frames in videos)
+    images = E.list_images(str(out))
+    assert len(images) == 64 and images == sorted(images)
+    assert E.read_image(str(out / images[0])).shape == (3, 112, 112)
