@@ -12,6 +12,7 @@ Layout: latent videos are [B, F, C, H, W] (batch, frames, channels, height, widt
 native layout; t is always diffusion time; ef is the ejection fraction in [0, 1].
 """
 
+import contextlib
 import copy
 import math
 
@@ -418,7 +419,7 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
     for t in scheduler.timesteps:
         x_w = split_windows(x, window, stride)  # [B*R, window, C, h, w]
         x_in, ef_in = cfg_inputs(x_w, ef_w) if guide else (x_w, ef_w)
-        with amp or torch.autocast("cpu", enabled=False):
+        with amp or contextlib.nullcontext():
             v = predict(unet, x_in, cond_w, t, ef_in).float()
         if guide:
             v = guided(*v.chunk(2), guidance)

@@ -179,7 +179,7 @@ class Attention(nn.Module):
 
     With a context of one token (EchoNet's EF), softmax over a single key is exactly 1, so every
     query receives the same value: out = to_out(to_v(context)). We compute that directly and skip
-    to_q and the attention (equal to the full computation up to float rounding, ~5e-7).
+    to_q, to_k and the attention; the result is bit-identical to diffusers' (RepeatedRowLinear).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None,
