@@ -147,8 +147,10 @@ class AlphaBlender(nn.Module):
 
 
 class Blend(torch.autograd.Function):
-    """a * x + (1 - a) * y for a one-element tensor a; the backward takes a's gradient as a dot
-    product instead of two products and two sums over the whole activation."""
+    """a * x + (1 - a) * y for a one-element a, with a's gradient taken as two dot products.
+
+    Autograd's backward would form both products with the incoming gradient and sum them.
+    """
 
     @staticmethod
     def forward(ctx, a, x, y):
@@ -188,10 +190,10 @@ class SingleKeyAttention(torch.autograd.Function):
 
     Softmax over a single key is exactly 1, so every query of h [B*L, C] (B sequences of L
     tokens) receives its sequence's value v = to_v(context) [B, 1, Ci]: to_q, to_k and the
-    attention itself are skipped. The
-    forward applies to_out to all L copies of v, as diffusers does to the attention output, so
-    results round identically; the backward needs only the sum over the L rows (two [B, Ci]
-    matmuls instead of two [B*L, Ci] ones), and nothing of size L is kept for it.
+    attention itself are skipped. The forward applies to_out to all L copies of v, as diffusers
+    does to the attention output, so results round identically; the backward needs only the sum
+    over the L rows (two [B, Ci] matmuls instead of two [B*L, Ci] ones), and nothing of size L
+    is kept for it.
     """
 
     @staticmethod
@@ -261,7 +263,7 @@ class GatedGELU(torch.autograd.Function):
 
     The forward is the plain chunk, gelu and multiply. Autograd's backward for that would build
     the two half-gradients separately and then concatenate them; here they go straight into
-    their halves of one tensor (measured: about 3x less time in this backward on CPU).
+    their halves of one tensor (measured at [4096, 1024] on CPU: 3.0-3.2 ms instead of 4.1-4.7).
     """
 
     @staticmethod

@@ -10,6 +10,10 @@ the same inputs; runs alternate between the two in one process and the median is
 Memory: the activations autograd saves for the backward pass (distinct storages, weights
 excluded), which is what grows with batch and frames in training; on CUDA also the peak of
 torch.cuda.max_memory_allocated over one forward + backward.
+
+On CPU the process CPU time (less sensitive to a busy host than wall time) and the minor page
+faults per call are reported too: fresh activation memory costs a fault per 4 KiB page, so a
+model that allocates less also waits less on the kernel.
 """
 
 import argparse
@@ -17,6 +21,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -114,21 +119,31 @@ def main():
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"command: python benchmarks/bench_model.py {' '.join(sys.argv[1:])}")
     for mode, fn in [("forward", fwd), ("forward+backward", fwd_bwd)]:
-        times = {name: [] for name in nets}
+        wall, cpu, faults = ({name: [] for name in nets} for _ in range(3))
         for net in nets.values():  # warm-up
             fn(net)
         for r in range(args.repeats):
             order = list(nets) if r % 2 == 0 else list(nets)[::-1]
             for name in order:
                 sync()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 fn(nets[name])
                 sync()
-                times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                                    - start_faults)
+        med = {name: statistics.median(ts) for name, ts in wall.items()}
         print(f"{mode:17s} diffusers {med['diffusers']:.3f} s   ours {med['ours']:.3f} s   "
               f"ours/diffusers {med['ours'] / med['diffusers']:.3f}   "
               f"speed-up {med['diffusers'] / med['ours']:.2f}x")
+        if args.device == "cpu":
+            c = {name: statistics.median(ts) for name, ts in cpu.items()}
+            f = {name: statistics.median(ts) for name, ts in faults.items()}
+            print(f"{'':17s} CPU time: diffusers {c['diffusers']:.3f} s   ours {c['ours']:.3f} s   "
+                  f"speed-up {c['diffusers'] / c['ours']:.2f}x   page faults per call: "
+                  f"diffusers {f['diffusers']:.0f}   ours {f['ours']:.0f}")
     saved = {name: saved_for_backward(net, forward) for name, net in nets.items()}
     print(f"activations saved for backward: diffusers {saved['diffusers'] / 2**20:.0f} MiB   "
           f"ours {saved['ours'] / 2**20:.0f} MiB   "
