@@ -148,6 +148,17 @@ def test_custom_backward_passes_are_exact_gradients():
                                         double(5, seed=2)))
 
 
+def test_unet_traces_for_torch_compile_in_one_graph():
+    """train.py --compile: TorchDynamo captures the whole UNet, custom backward passes included,
+    without a graph break (a break splits the model and recompiles blocks per shape)."""
+    torch.manual_seed(0)
+    net = M.UNetSpatioTemporal(M.UNET_PRESETS["tiny"])
+    x, ehs, ids = torch.randn(2, 3, 8, 4, 4), torch.rand(2, 1, 1), torch.zeros(2, 1)  # 2x2 level
+    explanation = torch._dynamo.explain(net)(x, torch.tensor([3, 700]), ehs, ids)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
 def test_unet_gradient_checkpointing_gives_same_gradients():
     """Activation checkpointing changes memory, not the gradients."""
     torch.manual_seed(0)
