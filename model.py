@@ -474,38 +474,6 @@ class ResnetBlock2D(nn.Module):
         return add_residual(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
-class TemporalConv(torch.autograd.Function):
-    """Conv3d with a (3, 1, 1) kernel: forward as nn.Conv3d, backward as the equivalent Conv2d.
-
-    A (3, 1, 1) kernel over [B, C, F, H, W] is a (3, 1) kernel over the [B, C, F, H*W] view of
-    the same memory. The forward keeps Conv3d so outputs stay bit-identical to diffusers'; the
-    backward uses the 2D form, which PyTorch computes several times faster on CPU than its 3D
-    backward (gradients agree to float rounding, tested against diffusers at 1e-5).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # x: (B, C, F, H, W), weight: (Cout, C, 3, 1, 1)
-        x = x.contiguous()
-        ctx.save_for_backward(x, weight)
-        out = F.conv3d(x, weight, bias, padding=(1, 0, 0))
-        ctx.dtype = out.dtype  # the compute dtype, bf16/fp16 under autocast
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        B, C, Fr, H, W = x.shape
-        x2 = x.view(B, C, Fr, H * W).to(ctx.dtype)                # (B, C, F, H*W)
-        w2 = weight.squeeze(-1).to(ctx.dtype)                     # (Cout, C, 3, 1)
-        g2 = grad.reshape(B, -1, Fr, H * W).to(ctx.dtype)
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            g2, x2, w2, [w2.shape[0]], (1, 1), (1, 0), (1, 1), False, (0, 0), 1,
-            ctx.needs_input_grad)
-        return (gx.view(x.shape).to(x.dtype) if gx is not None else None,
-                gw.unsqueeze(-1).to(weight.dtype) if gw is not None else None,
-                gb.to(weight.dtype) if gb is not None else None)
-
-
 class TemporalResnetBlock(nn.Module):
     """The ResNet block along time: GroupNorm over (C/32, F, H, W) per video, (3, 1, 1) convs.
 
@@ -521,10 +489,10 @@ class TemporalResnetBlock(nn.Module):
         self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, s, emb):  # s: (B, C, F, H, W), emb: (B, F, D)
-        h = TemporalConv.apply(F.silu(self.norm1(s)), self.conv1.weight, self.conv1.bias)
+        h = self.conv1(F.silu(self.norm1(s)))
         temb = self.time_emb_proj(F.silu(emb)).permute(0, 2, 1)[..., None, None]  # (B, C, F, 1, 1)
         h = add_residual(h, temb)
-        h = TemporalConv.apply(F.silu(self.norm2(h)), self.conv2.weight, self.conv2.bias)
+        h = self.conv2(F.silu(self.norm2(h)))
         return add_residual(h, s)
 
 

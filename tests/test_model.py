@@ -144,8 +144,6 @@ def test_custom_backward_passes_are_exact_gradients():
                                               double(4, seed=2)))
     assert check(M.SingleKeyAttention.apply, (double(2, 1, 3), double(2 * 5, 4, seed=1),
                                               double(4, 3, seed=2), double(4, seed=3)))
-    assert check(M.TemporalConv.apply, (double(2, 3, 4, 2, 2), double(5, 3, 3, 1, 1, seed=1),
-                                        double(5, seed=2)))
 
 
 def test_unet_traces_for_torch_compile_in_one_graph():
