@@ -1,5 +1,6 @@
-"""EchoNet data for echolvdm: file lists, video I/O, fps resampling, the latent video dataset, the
-phantom echo world (generator + EF measurement) and three commands.
+"""EchoNet data for echolvdm: file lists, video I/O, pixels and per-item generators, fps
+resampling, the latent video dataset, the phantom echo world (generator + EF measurement) and
+three commands.
 
     python data.py phantom --out data/phantom --num-videos 200 --seed 0     # synthetic EchoNet set
     python data.py encode --root data/phantom --vae models/vae --gray-scale  # Videos/ -> Latents/
@@ -15,11 +16,11 @@ import argparse
 import csv
 import multiprocessing
 import os
-import pickle
 import shutil
 import sys
 import warnings
 from fractions import Fraction
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -32,10 +33,8 @@ import model
 
 # --- file lists ----------------------------------------------------------------------------------
 
-
 class DataError(Exception):
     """Bad input data; the message names the file and what is wrong (main() exits cleanly)."""
-
 
 FILELIST_COLUMNS = ["FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS",
                     "NumberOfFrames", "Split"]                 # EchoNet-Dynamic's FileList.csv
@@ -43,10 +42,8 @@ VIDEO_COLUMNS = ["FrameHeight", "FrameWidth", "FPS", "NumberOfFrames"]  # Pediat
 NUMBER_COLUMNS = {"EF": float, "ESV": float, "EDV": float, "FrameHeight": int, "FrameWidth": int,
                   "FPS": float, "NumberOfFrames": int, "Fold": int}
 
-
 def _video_path(root, name):
     return os.path.join(root, "Videos", name + ".avi")
-
 
 def read_filelist(root, probe=True):
     """Rows of `<root>/FileList.csv` as dicts, numbers parsed, Split in TRAIN/VAL/TEST.
@@ -75,15 +72,14 @@ def read_filelist(root, probe=True):
         where = f"{path}, line {line} ({row['FileName']})"
         if folds:
             row["Fold"] = row["Split"]
-        for column, kind in NUMBER_COLUMNS.items():
-            if row.get(column) is not None:
-                try:
-                    row[column] = kind(float(row[column]))
-                except ValueError:
-                    raise DataError(f"{where}: {column} {row[column]!r} is not a number") from None
+        for column in [c for c in NUMBER_COLUMNS if row.get(c) is not None]:
+            try:
+                row[column] = NUMBER_COLUMNS[column](float(row[column]))
+            except ValueError:
+                raise DataError(f"{where}: {column} {row[column]!r} is not a number") from None
+        if folds and not 0 <= row["Fold"] <= 9:
+            raise DataError(f"{where}: fold {row['Fold']} outside 0..9")
         if folds:
-            if not 0 <= row["Fold"] <= 9:
-                raise DataError(f"{where}: fold {row['Fold']} outside 0..9")
             row["Split"] = "TRAIN" if row["Fold"] < 8 else "VAL" if row["Fold"] == 8 else "TEST"
         elif row["Split"] not in ("TRAIN", "VAL", "TEST"):
             raise DataError(f"{where}: Split {row['Split']!r} is not TRAIN, VAL, TEST or a fold")
@@ -94,19 +90,21 @@ def read_filelist(root, probe=True):
         rows.append(row)
     return rows
 
-
 def write_filelist(path, rows):
-    """Write rows (dicts with the same keys) as a FileList.csv; None becomes an empty cell."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else FILELIST_COLUMNS)
-        writer.writeheader()
-        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
-    os.replace(tmp, path)
+    """Rows (dicts with the same keys) as a FileList.csv the way the original's pandas writes
+    it: LF line ends, None as an empty cell, an integral FPS as an integer (50, not 50.0)."""
+    def cell(key, value):
+        if key == "FPS" and value is not None and float(value).is_integer():
+            return int(value)
+        return "" if value is None else value
 
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(list(rows[0]) if rows else FILELIST_COLUMNS)
+        writer.writerows([[cell(k, v) for k, v in row.items()] for row in rows])
+    os.replace(path + ".tmp", path)
 
 # --- video I/O (PyAV) ----------------------------------------------------------------------------
-
 
 def probe_video(path):
     """FrameHeight, FrameWidth, FPS, NumberOfFrames of a video, from its header when it has them."""
@@ -115,13 +113,12 @@ def probe_video(path):
             stream = container.streams.video[0]
             n = stream.frames or sum(1 for _ in container.decode(stream))
             rate = stream.average_rate or stream.guessed_rate
-            if not rate:
-                raise DataError(f"{path}: no frame rate in the video")
-            return {"FrameHeight": stream.height, "FrameWidth": stream.width, "FPS": float(rate),
-                    "NumberOfFrames": n}
     except (av.error.FFmpegError, IndexError) as e:
         raise DataError(f"{path}: unreadable video ({e})") from None
-
+    if not rate:
+        raise DataError(f"{path}: no frame rate in the video")
+    return {"FrameHeight": stream.height, "FrameWidth": stream.width, "FPS": float(rate),
+            "NumberOfFrames": n}
 
 def read_video(path, size=None):
     """Decode all frames of a video. Returns (uint8 [F, H, W, 3] RGB, fps); `size` resizes to
@@ -138,7 +135,6 @@ def read_video(path, size=None):
         raise DataError(f"{path}: truncated video ({len(frames)} of {expected} frames decoded)")
     return np.stack(frames), fps
 
-
 def _read_frame(path, index, size):
     """Frame `index` of a video as uint8 [size, size, 3], by seeking (fast for MJPEG AVIs)."""
     try:
@@ -153,7 +149,6 @@ def _read_frame(path, index, size):
     except (av.error.FFmpegError, IndexError, TypeError) as e:
         raise DataError(f"{path}: unreadable video ({e})") from None
     raise DataError(f"{path}: no frame {index}")
-
 
 def save_video(path, frames, fps, fmt=None):
     """Write uint8 frames [F, H, W] (gray) or [F, H, W, 3] (RGB) as `avi` (MJPEG, qscale 1, the
@@ -170,9 +165,8 @@ def save_video(path, frames, fps, fmt=None):
     if fmt in ("jpg", "png"):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        options = {"quality": 100} if fmt == "jpg" else {}
         for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(os.path.join(tmp, f"{i:04d}.{fmt}"), **options)
+            Image.fromarray(frame).save(os.path.join(tmp, f"{i:04d}.{fmt}"), quality=100)
         shutil.rmtree(path, ignore_errors=True)
     elif fmt == "gif":
         images = [Image.fromarray(frame) for frame in frames]
@@ -194,9 +188,34 @@ def save_video(path, frames, fps, fmt=None):
         raise ValueError(f"{path}: unknown video format {fmt!r} (avi, mp4, gif, jpg, png)")
     os.replace(tmp, path)
 
+# --- pixels, latents and per-item generators (train.py and sample.py use these too) -------------
 
-# --- fps resampling ------------------------------------------------------------------------------
+def from_pixels(frames, gray=False):
+    """uint8 RGB frames [..., H, W, 3] (numpy or torch) -> float [..., 3, H, W] as the original's
+    encoder input, x / 128 - 1 (in [-1, 1)); `gray` repeats the RGB mean, as its --gray_scale."""
+    x = torch.as_tensor(frames).movedim(-1, -3).float() / 128 - 1
+    return (x.mean(-3, keepdim=True).expand_as(x) if gray else x).contiguous()
 
+def to_pixels(x):
+    """Images [..., 3, H, W] in [-1, 1] -> uint8 numpy [..., H, W, 3]: (x + 1) * 128, clamped to
+    0..255 and truncated, as the original's sampler turns decoded latents into frames."""
+    return ((x.float() + 1) * 128).clamp(0, 255).to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+@torch.no_grad()
+def decode(vae, latents, chunk=8):
+    """Scaled latents [..., C, h, w] -> uint8 RGB frames [..., 8h, 8w, 3]: the VAE decodes
+    latents / scaling_factor in fp32, `chunk` frames per call (memory), then `to_pixels`."""
+    z = latents.reshape(-1, *latents.shape[-3:]).float() / vae.config.scaling_factor
+    x = torch.cat([vae.decode(part) for part in z.split(chunk)])      # [N, 3, 8h, 8w]
+    return to_pixels(x.reshape(*latents.shape[:-3], *x.shape[1:]))
+
+def item_generator(seed, *ids):
+    """A CPU generator of its own for one item (a training clip: seed, step, position in the
+    global batch; a sampled or encoded video: seed, index), seeded with NumPy's
+    SeedSequence([seed, *ids]): the item's draws do not depend on the batch it is in, the
+    process count or the device."""
+    state = np.random.SeedSequence([seed, *ids]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 def resample_indices(n, fps, target=32, phase=0):
     """Indices that resample n frames at `fps` to `target` fps, as the original:
@@ -205,9 +224,7 @@ def resample_indices(n, fps, target=32, phase=0):
     count = int(np.floor(target / fps * n))
     return np.linspace(0, n, count, endpoint=False).round().astype(np.int64) + phase
 
-
 # --- datasets ------------------------------------------------------------------------------------
-
 
 class LatentVideoDataset(torch.utils.data.Dataset):
     """Latent echo videos for LVDM training, as the original's `Latent` dataset.
@@ -232,18 +249,16 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         for root in roots:
             if not os.path.isdir(os.path.join(root, "Latents")):
                 raise DataError(f"{root}: no Latents/ folder (python data.py encode --root {root})")
-            missing = 0
-            for row in read_filelist(root, probe=False):
-                if row["Split"] not in splits:
-                    continue
-                path = os.path.join(root, "Latents", row["FileName"] + ".pt")
+            rows = [r for r in read_filelist(root, probe=False) if r["Split"] in splits]
+            paths = [os.path.join(root, "Latents", r["FileName"] + ".pt") for r in rows]
+            for row, path in zip(rows, paths):
                 if not os.path.isfile(path):
-                    missing += 1
                     continue
                 if row["FPS"] is None or row["NumberOfFrames"] is None:
                     raise DataError(f"{root}/FileList.csv: no FPS/NumberOfFrames for {path}")
                 if row["NumberOfFrames"] / row["FPS"] > frames / fps:
                     self.items.append((path, row["FPS"], row["EF"] / 100, row["FileName"]))
+            missing = sum(not os.path.isfile(p) for p in paths)
             if missing:
                 warnings.warn(f"{root}: {missing} {split} videos have no latent and are left out",
                               stacklevel=2)
@@ -261,9 +276,9 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         path, fps, ef, name = self.items[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         try:
-            video = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
-            raise DataError(f"{path}: unreadable latent ({e})") from None
+            video = model.torch_load(path, mmap=True)          # reads only the frames indexed
+        except model.ModelLoadError as e:
+            raise DataError(str(e).replace("unreadable", "unreadable latent", 1)) from None
         shape = tuple(getattr(video, "shape", ()))
         if not isinstance(video, torch.Tensor) or shape[1:] != self.latent_shape or not shape[0]:
             raise DataError(f"{path}: latent of shape {list(shape)}, expected [T, "
@@ -284,10 +299,9 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         return {"latents": latents, "cond": cond, "ef": torch.tensor(ef, dtype=torch.float32),
                 "n_real": torch.tensor(len(idx)), "name": name}
 
-
 class FrameDataset(torch.utils.data.Dataset):
     """Single frames of `<root>/Videos/*.avi` for VAE training: item -> float [3, size, size] as
-    x / 128 - 1 (the original's encoder scaling, in [-1, 1)); `gray` repeats the RGB mean."""
+    `from_pixels` makes them (x / 128 - 1; `gray` repeats the RGB mean)."""
 
     def __init__(self, root, split="TRAIN", size=112, gray=False):
         splits = {split} if isinstance(split, str) else set(split)
@@ -304,17 +318,23 @@ class FrameDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         video = int(np.searchsorted(self.starts, index, side="right")) - 1
         frame = _read_frame(self.paths[video], index - int(self.starts[video]), self.size)
-        x = torch.from_numpy(frame).permute(2, 0, 1).float() / 128 - 1     # [3, size, size]
-        return x.mean(0, keepdim=True).repeat(3, 1, 1) if self.gray else x
-
+        return from_pixels(frame, self.gray)                   # [3, size, size]
 
 # --- the phantom echo world ----------------------------------------------------------------------
+# A schematic apical four-chamber echo rendered in three parts: the heart's motion (EF, rate, the
+# LV's axes per contraction level), the chambers (wall and blood masks per level) and the echo
+# texture (gray levels, blur, speckle, the fan). Every draw comes from one generator per video in
+# a fixed order, so a seed gives the same videos byte for byte (tests/test_data.py pins a hash).
 
 SIZE = 112                  # frame side, px (EchoNet)
 PX_CM = 0.18                # phantom pixel, cm: 112 px span ~20 cm of depth, like an A4C view
 LV_CENTRE = (48.0, 64.0)    # (row, col) of the LV cavity centre, +-2 px per video
 LEVELS = 32                 # contraction levels rendered per video; each frame shows one of them
-
+YY, XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)         # pixel rows and columns
+# The fan: 80 degrees from a probe 4 px above the top centre, black outside, darker with depth.
+DEPTH, ANGLE = np.hypot(YY + 4, XX - 55.5), np.arctan2(XX - 55.5, YY + 4)
+FAN = np.clip((np.deg2rad(40) - np.abs(ANGLE)) * DEPTH, 0, 1) * np.clip(110 - DEPTH, 0, 1)
+GAIN = (1.1 - 0.35 * DEPTH / SIZE) * FAN
 
 def lv_volume(area, length):
     """Single-plane area-length LV volume V = 8 A^2 / (3 pi L) = 0.85 A^2 / L, mL from cm^2 and
@@ -322,24 +342,23 @@ def lv_volume(area, length):
     and b: A = pi a b, L = 2 a, so V = 4/3 pi a b^2, the prolate ellipsoid."""
     return 8 * np.asarray(area) ** 2 / (3 * np.pi * np.maximum(length, 1e-6))
 
-
 def _soft_ellipse(u2, v2, a, b):
     """1 inside the ellipse u^2/a^2 + v^2/b^2 < 1, 0 outside, with a ~1 px ramp (anti-aliased)."""
     q = u2 / (a * a) + v2 / (b * b)
     return np.clip(0.5 + (1 - q) * (np.minimum(a, b) / 2), 0, 1)
 
-
-def phantom_video(rng, n, fps):
-    """One phantom A4C echo of n frames at fps. Returns uint8 [n, 112, 112] and a dict with EF (%),
-    EDV, ESV (mL): the max / min over frames of the rendered cavity's `lv_volume`."""
-    # The heart: LV semi-axes a (long, tilted th from vertical) and b, wall w, in px; EF uniform
-    # in 10-90 %, heart rate uniform in 50-100 bpm, a random point of the cycle at frame 0.
+def heart_motion(rng, n, fps):
+    """One phantom heart's draws and its LV at LEVELS contraction levels s (0 end-diastole .. 1
+    end-systole). Returns (heart: the LV's centre cy, cx, tilt th, end-diastolic semi-axes a_ed,
+    b_ed and wall w_ed (px), and a, b, w, s [L, 1, 1] per level; level [n]: the level each frame
+    shows; volume [n]: the LV's volume in mL)."""
+    # EF uniform in 10-90 %, heart rate in 50-100 bpm; the LV's long axis tilted th from vertical.
     ef, bpm = rng.uniform(0.10, 0.90), rng.uniform(50, 100)
     cy, cx = LV_CENTRE[0] + rng.uniform(-2, 2), LV_CENTRE[1] + rng.uniform(-2, 2)
     th = np.deg2rad(rng.uniform(6, 14))
     a_ed, b_ed, w_ed = rng.uniform(24, 28), rng.uniform(11, 14), rng.uniform(4.5, 5.5)
-    # Contraction s (0 end-diastole, 1 end-systole): systole a half cosine over 35 % of the cycle,
-    # rapid filling a half cosine over the next 30 %, then diastasis at s = 0.
+    # A random point of the cycle at frame 0. Contraction: systole a half cosine over 35 % of the
+    # cycle, rapid filling a half cosine over the next 30 %, then diastasis at s = 0.
     cycle = (np.arange(n) / fps * bpm / 60 + rng.uniform()) % 1.0
     s = np.where(cycle < 0.35, 0.5 - 0.5 * np.cos(np.pi * cycle / 0.35),
                  np.where(cycle < 0.65, 0.5 + 0.5 * np.cos(np.pi * (cycle - 0.35) / 0.3), 0.0))
@@ -351,38 +370,38 @@ def phantom_video(rng, n, fps):
     w = w_ed * (1 + 0.4 * s)                                   # the wall thickens in systole
     volume = lv_volume(np.pi * a * b * PX_CM**2, 2 * a * PX_CM).ravel()[level]     # [n] mL
     a, b, w, s = (x.astype(np.float32) for x in (a, b, w, s))
+    heart = SimpleNamespace(cy=cy, cx=cx, th=th, a_ed=a_ed, b_ed=b_ed, w_ed=w_ed, a=a, b=b, w=w)
+    return heart, s, level, volume
 
-    # Geometry: an 80-degree fan from a probe 4 px above the top centre, black outside.
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    depth, angle = np.hypot(yy + 4, xx - 55.5), np.arctan2(xx - 55.5, yy + 4)
-    fan = np.clip((np.deg2rad(40) - np.abs(angle)) * depth, 0, 1) * np.clip(110 - depth, 0, 1)
-    gain = (1.1 - 0.35 * depth / SIZE) * fan                   # deeper is darker
-    cos, sin = np.cos(th), np.sin(th)
+def _axes(h, py, px):
+    """Coordinates of every pixel [H, W] around (py, px): u along the LV's long axis, v across
+    it, and their squares."""
+    dy, dx = YY - py, XX - px
+    u, v = dy * np.cos(h.th) + dx * np.sin(h.th), -dy * np.sin(h.th) + dx * np.cos(h.th)
+    return u, v, u * u, v * v
 
-    def axes(py, px):                                          # coordinates along / across the LV
-        dy, dx = yy - py, xx - px
-        u, v = dy * cos + dx * sin, -dy * sin + dx * cos
-        return u, v, u * u, v * v
-
-    # Chambers [L, H, W]: the LV; the RV to its left (septum = both walls), shrinking 20 %; the
-    # atria below, growing 12 % in systole. The walls are closed rings, so the LV cavity is one
-    # dark blob surrounded by bright wall.
-    u, v, u2, v2 = axes(cy, cx)
-    rv_x, rv_b, base = cx - (b_ed + w_ed + 0.8 * b_ed + 1), 0.8 * b_ed, cy + a_ed + w_ed + 10
-    _, _, ru2, rv2 = axes(cy + 4, rv_x)
-    _, _, lu2, lv2 = axes(base, cx + 5)
-    _, _, tu2, tv2 = axes(base + 2, rv_x - 3)
+def chambers(h, s):
+    """Wall and blood masks [L, H, W] in [0, 1]: the LV; the RV to its left (the two walls make
+    the septum), shrinking 20 % in systole; the atria below, growing 12 %. The walls are closed
+    rings, so the LV cavity is one dark blob surrounded by bright wall."""
     k_rv, k_a = 1 - 0.2 * s, 1 + 0.12 * s
-    wall = np.maximum.reduce([_soft_ellipse(u2, v2, a + w, b + w),
-                              _soft_ellipse(ru2, rv2, 0.8 * a_ed * k_rv + 3.5, rv_b * k_rv + 3.5),
-                              _soft_ellipse(lu2, lv2, 9 * k_a + 3, 11 * k_a + 3),
-                              _soft_ellipse(tu2, tv2, 8 * k_a + 3, 9 * k_a + 3)])
-    cavity = np.maximum.reduce([_soft_ellipse(u2, v2, a, b),
-                                _soft_ellipse(ru2, rv2, 0.8 * a_ed * k_rv, rv_b * k_rv),
-                                _soft_ellipse(lu2, lv2, 9 * k_a, 11 * k_a),
-                                _soft_ellipse(tu2, tv2, 8 * k_a, 9 * k_a)])
+    rv_x = h.cx - (h.b_ed + h.w_ed + 0.8 * h.b_ed + 1)
+    base = h.cy + h.a_ed + h.w_ed + 10                          # the atria's top
+    # Per chamber: centre, semi-axes along and across the LV's axis, wall thickness (px).
+    parts = [((h.cy, h.cx), h.a, h.b, h.w),
+             ((h.cy + 4, rv_x), 0.8 * h.a_ed * k_rv, 0.8 * h.b_ed * k_rv, 3.5),
+             ((base, h.cx + 5), 9 * k_a, 11 * k_a, 3), ((base + 2, rv_x - 3), 8 * k_a, 9 * k_a, 3)]
+    squares = [_axes(h, *centre)[2:] for centre, *_ in parts]  # (u^2, v^2) around each centre
+    wall = np.maximum.reduce([_soft_ellipse(*uv2, a + w, b + w)
+                              for uv2, (_, a, b, w) in zip(squares, parts)])
+    cavity = np.maximum.reduce([_soft_ellipse(*uv2, a, b)
+                                for uv2, (_, a, b, _) in zip(squares, parts)])
+    return wall, cavity
 
-    # Gray levels: tissue, patchy bright myocardium, dark blood; blurred by the scanner's PSF.
+def echo_texture(rng, h, wall, cavity):
+    """Gray levels [L, H, W] of the chambers as an echo shows them: tissue, patchy bright
+    myocardium, dark blood, blurred by the scanner's point spread, times a speckle texture that
+    moves with the LV wall, times the fan's depth gain."""
     tissue, myo, blood = rng.uniform(35, 55), rng.uniform(140, 190), rng.uniform(4, 12)
     patchy = np.clip(1 + 2 * ndimage.gaussian_filter(rng.standard_normal((SIZE, SIZE)), 6),
                      0.85, 1.15).astype(np.float32)
@@ -394,18 +413,25 @@ def phantom_video(rng, n, fps):
     speckle = np.abs(rng.standard_normal((SIZE, SIZE), dtype=np.float32)
                      + 1j * rng.standard_normal((SIZE, SIZE), dtype=np.float32))
     speckle = ndimage.gaussian_filter(speckle, (0.6, 1.2))
-    near = np.clip(2 - np.sqrt(u2 / (a + w) ** 2 + v2 / (b + w) ** 2), 0, 1)
-    su, sv = u * (1 + near * (a_ed / a - 1)), v * (1 + near * (b_ed / b - 1))
-    speckle = ndimage.map_coordinates(speckle / speckle.mean(), [cy + su * cos - sv * sin,
-                                                                 cx + su * sin + sv * cos],
+    u, v, u2, v2 = _axes(h, h.cy, h.cx)
+    near = np.clip(2 - np.sqrt(u2 / (h.a + h.w) ** 2 + v2 / (h.b + h.w) ** 2), 0, 1)
+    su, sv = u * (1 + near * (h.a_ed / h.a - 1)), v * (1 + near * (h.b_ed / h.b - 1))
+    cos, sin = np.cos(h.th), np.sin(h.th)
+    speckle = ndimage.map_coordinates(speckle / speckle.mean(), [h.cy + su * cos - sv * sin,
+                                                                 h.cx + su * sin + sv * cos],
                                       order=1, mode="reflect")
-    img *= (0.55 + 0.45 * speckle) * gain
+    return img * ((0.55 + 0.45 * speckle) * GAIN)
+
+def phantom_video(rng, n, fps):
+    """One phantom A4C echo of n frames at fps. Returns uint8 [n, 112, 112] and a dict with EF (%),
+    EDV, ESV (mL): the max / min over frames of the rendered cavity's `lv_volume`."""
+    heart, s, level, volume = heart_motion(rng, n, fps)
+    img = echo_texture(rng, heart, *chambers(heart, s))        # [L, H, W] gray levels
     # Frames pick their level; a little fresh noise in every frame.
-    frames = img[level] + rng.standard_normal((n, SIZE, SIZE), dtype=np.float32) * (3 * fan)
+    frames = img[level] + rng.standard_normal((n, SIZE, SIZE), dtype=np.float32) * (3 * FAN)
     edv, esv = float(volume.max()), float(volume.min())
     return np.clip(frames, 0, 255).astype(np.uint8), {"EF": 100 * (edv - esv) / edv,
                                                        "EDV": edv, "ESV": esv}
-
 
 def _phantom_job(job):
     """Render and write phantom video `index`; its generator is seeded with (seed, index)."""
@@ -419,7 +445,6 @@ def _phantom_job(job):
     return {"FileName": name, "EF": round(truth["EF"], 4), "ESV": round(truth["ESV"], 4),
             "EDV": round(truth["EDV"], 4), "FrameHeight": SIZE, "FrameWidth": SIZE, "FPS": fps,
             "NumberOfFrames": n, "Split": split}
-
 
 def make_phantom(out, num_videos=200, seed=0, workers=1):
     """Write an EchoNet-layout phantom dataset (`Videos/*.avi` + `FileList.csv`); 80/10/10 split.
@@ -437,13 +462,11 @@ def make_phantom(out, num_videos=200, seed=0, workers=1):
     write_filelist(os.path.join(out, "FileList.csv"), rows)
     return rows
 
-
 # --- EF measurement of phantom videos ------------------------------------------------------------
 
 _SLICE = np.zeros((3, 3, 3), bool)                             # 4-connected within a frame,
 _SLICE[1] = ndimage.generate_binary_structure(2, 1)            # never across frames
 _DISK = (np.hypot(*np.mgrid[-2:3, -2:3]) <= 2)[None]           # [1, 5, 5] radius-2 disk
-
 
 def measure_ef(frames, centre=LV_CENTRE, px_cm=PX_CM):
     """EF of a phantom-like video from its LV cavity: uint8 [F, H, W] or [F, H, W, 3] ->
@@ -490,7 +513,6 @@ def measure_ef(frames, centre=LV_CENTRE, px_cm=PX_CM):
     return {"ef": 100 * (edv - esv) / edv, "edv": edv, "esv": esv, "areas": area * px_cm**2,
             "volumes": volumes}
 
-
 def ef_adherence(requested, measured):
     """How well videos follow the EF they were asked for: Pearson r and mean absolute error (EF
     points) over the pairs where both are finite; n = number of such pairs."""
@@ -501,9 +523,7 @@ def ef_adherence(requested, measured):
     mae = float(np.abs(requested - measured).mean()) if ok.any() else float("nan")
     return {"pearson_r": r, "mae": mae, "n": int(ok.sum())}
 
-
 # --- commands ------------------------------------------------------------------------------------
-
 
 def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
     """Real reference frame folders for the metrics, as the original's
@@ -539,7 +559,6 @@ def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
               f"fewer than the target {num_videos}")
     return written
 
-
 def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="cpu", seed=0):
     """Encode `<root>/Videos` to `<out>/Latents/<FileName>.pt` [T, 4, h, w] (scaled latents) and
     write the normalised FileList to `<out>`, as the original's `encode_video_dataset.py`.
@@ -567,20 +586,14 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
         found = {"FrameHeight": video.shape[1], "FrameWidth": video.shape[2], "FPS": fps,
                  "NumberOfFrames": len(video)}
         row.update({c: found[c] for c in VIDEO_COLUMNS if row[c] is None})
-        # Frames x / 128 - 1 (gray: RGB mean repeated), posterior *samples* times the scaling
-        # factor, batch_size frames per VAE call; one generator per video, seeded (seed, index).
-        x = torch.from_numpy(video).to(device).permute(0, 3, 1, 2).float() / 128 - 1
-        if gray:
-            x = x.mean(1, keepdim=True).repeat(1, 3, 1, 1)
-        generator = torch.Generator(device).manual_seed(
-            int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+        # Frames x / 128 - 1 (gray: the RGB mean repeated), posterior *samples* (from the video's
+        # own generator, seeded (seed, index)) times the scaling factor, batch_size frames a call.
+        x = from_pixels(torch.from_numpy(video).to(device), gray)  # [T, 3, H, W]
+        generator = item_generator(seed, i)
         with torch.no_grad():
-            latents = []
-            for j in range(0, len(x), batch_size):
-                posterior = vae.encode(x[j:j + batch_size])
-                latents.append(posterior.sample(generator=generator).cpu())
-        latents = torch.cat(latents) * vae.config.scaling_factor
-        torch.save(latents, dst + ".tmp")
+            latents = [vae.encode(part).sample(generator=generator).cpu()
+                       for part in x.split(batch_size)]
+        torch.save(torch.cat(latents) * vae.config.scaling_factor, dst + ".tmp")
         os.replace(dst + ".tmp", dst)
     filelist = os.path.join(out, "FileList.csv")
     backup = os.path.join(root, "FileList_ORIGINAL.csv")
@@ -589,19 +602,16 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
     write_filelist(filelist, rows)
     return failed
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-
     p = commands.add_parser("phantom", help="write a synthetic EchoNet-layout echo dataset")
     p.add_argument("--out", default="data/phantom", help="output folder (default: %(default)s)")
     p.add_argument("--num-videos", type=int, default=200, help="videos (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes (default: all CPUs, %(default)s); the files do not depend on it")
-
     p = commands.add_parser("encode", help="encode Videos/ to Latents/ with a VAE")
     p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
     p.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
@@ -612,7 +622,6 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (default: 0)")
-
     p = commands.add_parser("reference", help="real reference frame folders for the metrics")
     p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
     p.add_argument("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
@@ -622,7 +631,6 @@ def main(argv=None):
     p.add_argument("--num-videos", type=int, default=None,
                    help="videos to write (default: 2048 for 128 frames, 3125 for 16)")
     args = parser.parse_args(argv)
-
     try:
         if args.command == "phantom":
             rows = make_phantom(args.out, args.num_videos, args.seed, args.workers)
@@ -638,7 +646,6 @@ def main(argv=None):
             print(f"{written} reference videos in {args.out}")
     except DataError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

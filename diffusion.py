@@ -1,6 +1,6 @@
 """Diffusion for latent echo videos: noise schedule, forward process, v-prediction, DDPM and DDIM
-steps, classifier-free guidance, long-video window stitching and the EMA of the weights.
-`python diffusion.py` runs a smoke test.
+steps, classifier-free guidance, long-video window stitching, the LVDM's training loss and
+sampling loop, and the EMA of the weights. `python diffusion.py` runs a smoke test.
 
 The schedulers mirror diffusers 0.42.1 `DDPMScheduler` / `DDIMScheduler` operation for operation
 (float32 schedule, 0-dim float32 coefficients computed in the same order), so a step gives the
@@ -14,20 +14,15 @@ native layout; t is always diffusion time; ef is the ejection fraction in [0, 1]
 
 import contextlib
 import copy
-import math
 
 import torch
 
 # --- random numbers ----------------------------------------------------------------------------
 
-
 def randn(shape, generator=None, device=None, dtype=None):
-    """Standard normal noise of `shape`, reproducible per batch item (diffusers' randn_tensor).
-
-    generator: None (global RNG), a torch.Generator, or a list of shape[0] generators: item i is
-    drawn alone as (1, *shape[1:]) from generator i, so a video's noise does not depend on the
-    batch it is in. Noise is drawn on the generator's device, then moved to `device`.
-    """
+    """Standard normal noise of `shape` as diffusers' randn_tensor draws it. generator: None
+    (global RNG), a torch.Generator, or a list of shape[0]: item i drawn alone from generator i,
+    so a video's noise does not depend on its batch. Drawn on the generator's device."""
     if isinstance(generator, list) and len(generator) == 1:
         generator = generator[0]  # diffusers treats a list of one like a single generator
     if isinstance(generator, list):
@@ -39,36 +34,15 @@ def randn(shape, generator=None, device=None, dtype=None):
     rand_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
+# --- v-prediction, noise schedule, forward process ------------------------------------------------
 
-# --- v-prediction --------------------------------------------------------------------------------
-
-
-def predict_x0_eps(model_output, x_t, alpha_bar, prediction_type="v_prediction"):
-    """Estimates (x0, eps) from the network output at x_t.
-
-    model_output, x_t: [B, ...]; alpha_bar: a 0-dim tensor or one broadcastable to x_t.
-    Returns (x0, eps), unclipped, each shaped like x_t.
-    """
-    # With a = alpha_bar_t, x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDPM, Ho et al. 2020, Eq. 4).
+def predict_x0_eps(v, x_t, alpha_bar):
+    """(x0, eps), unclipped, from the network's v at x_t; v, x_t [B, ...], alpha_bar a 0-dim
+    tensor or one broadcastable to x_t. With a = alpha_bar, x_t = sqrt(a) x0 + sqrt(1 - a) eps
+    (Ho et al. 2020, Eq. 4) and v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022, Sec. 4,
+    Appendix D):  x0 = sqrt(a) x_t - sqrt(1 - a) v,   eps = sqrt(a) v + sqrt(1 - a) x_t."""
     a, b = alpha_bar, 1 - alpha_bar
-    if prediction_type == "v_prediction":
-        # Salimans & Ho 2022, Sec. 4 and Appendix D: v = sqrt(a) eps - sqrt(1 - a) x0, so
-        #   x0 = sqrt(a) x_t - sqrt(1 - a) v,   eps = sqrt(a) v + sqrt(1 - a) x_t.
-        return a**0.5 * x_t - b**0.5 * model_output, a**0.5 * model_output + b**0.5 * x_t
-    if prediction_type == "epsilon":  # Ho et al. 2020, Eq. 15
-        return (x_t - b**0.5 * model_output) / a**0.5, model_output
-    if prediction_type == "sample":
-        return model_output, (x_t - a**0.5 * model_output) / b**0.5
-    raise ValueError(f"prediction_type={prediction_type!r}: use v_prediction, epsilon or sample")
-
-
-# --- noise schedule and forward process ----------------------------------------------------------
-
-
-def _check(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {allowed}")
-
+    return a**0.5 * x_t - b**0.5 * v, a**0.5 * v + b**0.5 * x_t
 
 class _Scheduler:
     """The schedule shared by DDPM and DDIM; defaults are EchoNet-Synthetic's lvdm config."""
@@ -78,28 +52,20 @@ class _Scheduler:
         num_train_timesteps=1000,  # diffusion steps in training
         beta_start=1e-4,  # linear betas from beta_start to beta_end (Ho et al. 2020, Sec. 4)
         beta_end=0.02,
-        beta_schedule="linear",  # the only schedule the original uses
-        prediction_type="v_prediction",  # what the network predicts: v, epsilon or sample
         clip_sample=True,  # clamp predicted x0 to [-clip_sample_range, clip_sample_range]
         clip_sample_range=4.0,  # the original's choice (diffusers' default is 1.0)
-        timestep_spacing="leading",  # how set_timesteps picks its steps
-        steps_offset=0,  # added to "leading" timesteps
+        steps_offset=0,  # added to the "leading" timesteps of set_timesteps
     ):
-        _check("beta_schedule", beta_schedule, ("linear",))
-        _check("prediction_type", prediction_type, ("v_prediction", "epsilon", "sample"))
-        _check("timestep_spacing", timestep_spacing, ("leading", "trailing", "linspace"))
         if not (isinstance(num_train_timesteps, int) and num_train_timesteps >= 1):
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: need an int >= 1")
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"betas {beta_start}..{beta_end}: need 0 < beta_start <= beta_end < 1")
         if not clip_sample_range > 0 or steps_offset < 0:
             raise ValueError("clip_sample_range must be > 0 and steps_offset >= 0")
-        self.config = dict(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range, timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
-        )  # fmt: skip
+        self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                           beta_end=beta_end, beta_schedule="linear", clip_sample=clip_sample,
+                           clip_sample_range=clip_sample_range, steps_offset=steps_offset,
+                           prediction_type="v_prediction", timestep_spacing="leading")
         # torch's float32 linspace and cumprod: numpy's float64 linspace cast to float32 differs
         # in 338 of the 1000 betas. alpha_bar[0] = 0.99989998, [945] = 1.1670701e-4.
         self.betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
@@ -117,55 +83,39 @@ class _Scheduler:
         return a.view(-1, *[1] * (x.ndim - 1))
 
     def add_noise(self, x0, noise, t):
-        """Samples q(x_t | x0) (Ho et al. 2020, Eq. 4): sqrt(a) x0 + sqrt(1 - a) noise.
-
-        x0, noise: [B, ...] (any ndim, batch on dim 0); t: int, 0-dim or [B] int tensor.
-        """
+        """Samples q(x_t | x0) (Ho et al. 2020, Eq. 4): sqrt(a) x0 + sqrt(1 - a) noise, with
+        a = alpha_bar_t. x0, noise: [B, ...]; t: int, 0-dim or [B] int tensor."""
         a = self._alpha_bar(t, x0)
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
     def get_velocity(self, x0, noise, t):
-        """The v-prediction target (Salimans & Ho 2022): sqrt(a) noise - sqrt(1 - a) x0.
-
-        x0, noise: [B, ...]; t: int, 0-dim or [B] int tensor. Returns v shaped like x0.
-        """
+        """The v-prediction target (Salimans & Ho 2022, Sec. 4): sqrt(a) noise - sqrt(1 - a) x0.
+        x0, noise: [B, ...]; t: int, 0-dim or [B] int tensor. Returns v shaped like x0."""
         a = self._alpha_bar(t, x0)
         return a**0.5 * noise - (1 - a) ** 0.5 * x0
 
     def set_timesteps(self, n):
-        """Picks n of the N training steps for sampling; sets `.timesteps` (int64, descending).
-
-        "leading", N = 1000, n = 64: step 1000 // 64 = 15 -> 945, 930, ..., 15, 0 (starts at 945,
-        not 999). "trailing": round(arange(N, 0, -N/n)) - 1 -> 999, 983, ...; "linspace":
-        round(linspace(0, N - 1, n)) reversed. Both follow numpy's float64 arithmetic exactly.
-        """
-        N, spacing = self.config["num_train_timesteps"], self.config["timestep_spacing"]
+        """Picks n of the N training steps for sampling ("leading" spacing, the original's); sets
+        `.timesteps` (int64, descending). N = 1000, n = 64: step 1000 // 64 = 15 -> 945, 930,
+        ..., 15, 0 (it starts at 945, not 999), each plus steps_offset."""
+        N = self.config["num_train_timesteps"]
         if not (isinstance(n, int) and 1 <= n <= N):
             raise ValueError(f"set_timesteps({n!r}): need an int in [1, {N}] (training steps)")
-        if spacing == "leading":
-            t = torch.arange(n).flip(0) * (N // n) + self.config["steps_offset"]
-        elif spacing == "trailing":  # numpy's arange: start + i * ((start + step) - start)
-            step = -N / n
-            t = N + torch.arange(math.ceil(-N / step), dtype=torch.float64) * ((N + step) - N)
-            t = t.round().long() - 1
-        else:  # numpy's linspace: i * step, with the last value set to the end point
-            t = torch.arange(n, dtype=torch.float64) * ((N - 1) / (n - 1) if n > 1 else 0.0)
-            t[-1] = N - 1 if n > 1 else 0
-            t = t.round().flip(0).long()
-        self.num_inference_steps, self.timesteps = n, t
+        self.timesteps = torch.arange(n).flip(0) * (N // n) + self.config["steps_offset"]
+        self.num_inference_steps = n
 
-    def _x0_eps(self, model_output, x_t, a):
-        x0, eps = predict_x0_eps(model_output, x_t, a, self.config["prediction_type"])
-        if self.config["clip_sample"]:
+    def _x0_eps(self, v, x_t, a):
+        x0, eps = predict_x0_eps(v, x_t, a)
+        if self.config["clip_sample"]:  # the original clips x0 to +-4; eps stays unclipped
             x0 = x0.clamp(-self.config["clip_sample_range"], self.config["clip_sample_range"])
-        return x0, eps  # eps stays the unclipped estimate, as in diffusers
-
+        return x0, eps
 
 class DDPM(_Scheduler):
     """Ancestral DDPM sampler (Ho et al. 2020, Algorithm 2) over the chosen timesteps."""
 
     def __init__(self, variance_type="fixed_small", **overrides):
-        _check("variance_type", variance_type, ("fixed_small", "fixed_large"))
+        if variance_type not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance_type={variance_type!r}: use fixed_small or fixed_large")
         super().__init__(**overrides)
         self.config["variance_type"] = variance_type
 
@@ -181,7 +131,7 @@ class DDPM(_Scheduler):
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
         """One step x_t -> x_prev, prev the next entry of `.timesteps` (-1 after the last).
 
-        model_output, x_t: [B, ...]; t: an element of `.timesteps` (int or 0-dim tensor);
+        model_output (v), x_t: [B, ...]; t: an element of `.timesteps` (int or 0-dim tensor);
         generator: None, a torch.Generator or a list of B (see `randn`). Noise is drawn only
         when t > 0. Returns x_prev [B, ...], or (x_prev, clipped x0) with return_x0=True.
         """
@@ -206,7 +156,6 @@ class DDPM(_Scheduler):
             x_prev = x_prev + var**0.5 * z
         return (x_prev, x0) if return_x0 else x_prev
 
-
 class DDIM(_Scheduler):
     """DDIM sampler (Song et al. 2021, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
 
@@ -220,10 +169,9 @@ class DDIM(_Scheduler):
         self.final_alpha_cumprod = self.one if set_alpha_to_one else self.alphas_cumprod[0]
 
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
-        """One DDIM step x_t -> x_prev with prev = t - N // n (diffusers' rule: the next entry of
-        `.timesteps` for "leading" spacing, the original's; only near it for the other two).
+        """One DDIM step x_t -> x_prev with prev = t - N // n, the next entry of `.timesteps`.
 
-        model_output, x_t: [B, ...]; t: an element of `.timesteps`; generator as in `randn`,
+        model_output (v), x_t: [B, ...]; t: an element of `.timesteps`; generator as in `randn`,
         used only when eta > 0 (then at every step, also the last). Returns x_prev [B, ...], or
         (x_prev, clipped x0) with return_x0=True.
         """
@@ -244,9 +192,7 @@ class DDIM(_Scheduler):
             x_prev = x_prev + sigma * z
         return (x_prev, x0) if return_x0 else x_prev
 
-
-# --- training: offset noise, EF dropout, masked loss ---------------------------------------------
-
+# --- training noise, EF dropout, masked MSE, guidance -------------------------------------------
 
 def offset_noise(x0, strength=0.1, generator=None):
     """Training noise: randn_like(x0) + strength * randn(B, 1, C, 1, 1) (Guttenberg 2023).
@@ -260,13 +206,11 @@ def offset_noise(x0, strength=0.1, generator=None):
     noise = randn(x0.shape, generator, x0.device, x0.dtype)
     return noise + strength * randn((B, 1, C, 1, 1), generator, x0.device, x0.dtype)
 
-
 # The UNet sees ef as encoder_hidden_states [B, 1, 1]: one key token of width 1. Softmax over one
 # key is 1, so cross-attention returns to_out(to_v(ef)), and to_v has no bias: its value vector is
 # ef * w_v, linear in ef. Real ef in [0, 1] span the segment 0 .. w_v; NULL_EF = -1 gives -w_v,
 # the negative of EF = 100 %'s, distinct from every real EF (0 would be EF = 0 %, a real value).
 NULL_EF = -1.0
-
 
 def drop_ef(ef, p, generator=None):
     """Replaces each item's ef by NULL_EF with probability p (classifier-free guidance training).
@@ -279,7 +223,6 @@ def drop_ef(ef, p, generator=None):
     device = generator.device if generator is not None else ef.device
     drop = torch.rand(ef.shape[0], generator=generator, device=device).to(ef.device) < p
     return torch.where(drop.view(-1, *[1] * (ef.ndim - 1)), torch.full_like(ef, NULL_EF), ef)
-
 
 def masked_mse(pred, target, n_real=None):
     """MSE over real frames only, in float32.
@@ -299,15 +242,6 @@ def masked_mse(pred, target, n_real=None):
     per_frame = err[0, 0].numel()
     return torch.where(real, err, 0.0).sum() / (real.sum() * per_frame).clamp(min=1)
 
-
-# --- classifier-free guidance ------------------------------------------------------------------
-
-
-def cfg_inputs(x, ef):
-    """One UNet call for both passes: x [B, ...] -> [2B, ...], ef [B, ...] -> [ef; NULL_EF]."""
-    return torch.cat([x, x]), torch.cat([ef, torch.full_like(ef, NULL_EF)])
-
-
 def guided(v_cond, v_uncond, scale):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with scale = 1 + w):
 
@@ -315,7 +249,6 @@ def guided(v_cond, v_uncond, scale):
     so it holds for v as for eps. scale = 1 is v_cond: the sampler then skips the null pass.
     """
     return v_uncond + scale * (v_cond - v_uncond)
-
 
 # --- long videos: window stitching -------------------------------------------------------------
 # The UNet is trained on 64-frame clips. Longer videos (the original's sample.py) are denoised as
@@ -325,23 +258,18 @@ def guided(v_cond, v_uncond, scale):
 # of windows 1..4 (video frames 64-95, 96-127, 128-159, 160-191): each overlap takes the earlier
 # window's prediction.
 
-
 def round_frames(frames, multiple=32):
     """--frames rounded up to a multiple of 32, as the original's sampler does: 100 -> 128."""
     return -(-frames // multiple) * multiple
-
 
 def window_starts(frames, window=64, stride=32):
     """First frame of each window: 192 -> [0, 32, 64, 96, 128]; frames <= window -> [0]."""
     if frames <= window:
         return [0]  # one window: the video itself, shorter than 64 frames if frames < 64
     if not 0 < stride <= window or (frames - window) % stride:
-        raise ValueError(
-            f"{frames} frames do not tile into {window}-frame windows every {stride}: "
-            f"round up to {window} + k * {stride} first (round_frames)"
-        )
+        raise ValueError(f"{frames} frames do not tile into {window}-frame windows every "
+                         f"{stride}: round up to {window} + k * {stride} first (round_frames)")
     return list(range(0, frames - window + 1, stride))
-
 
 def split_windows(x, window=64, stride=32):
     """x [B, F, ...] -> [B*R, window, ...], batch-major (all windows of video 0, then video 1).
@@ -357,7 +285,6 @@ def split_windows(x, window=64, stride=32):
     idx = starts[:, None] + torch.arange(window, device=x.device)  # [R, window] frame indices
     return x[:, idx].flatten(0, 1)  # [B, R, window, ...] -> [B*R, window, ...]
 
-
 def merge_windows(y, B, frames, window=64, stride=32):
     """Window predictions y [B*R, window, ...] -> video [B, frames, ...]: window 0 whole, then
     frames window-stride .. window-1 (32..63) of each later window (the original's rule)."""
@@ -371,9 +298,7 @@ def merge_windows(y, B, frames, window=64, stride=32):
     tails = y[:, 1:, window - stride :].flatten(1, 2)  # [B, (R-1)*stride, ...]
     return torch.cat([y[:, 0], tails], dim=1)  # [B, frames, ...]
 
-
-# --- the LVDM's call of its UNet, and its sampling loop ------------------------------------------
-
+# --- the LVDM: its UNet call, its sampling loop and its training loss -----------------------------
 
 def predict(unet, x_t, cond, t, ef):
     """The UNet's prediction as EchoNet-Synthetic calls it (train.py and sample.py alike).
@@ -395,40 +320,57 @@ def predict(unet, x_t, cond, t, ef):
     v = unet(x, t, ef.reshape(B, 1, 1).to(x.dtype), ids)  # [B, F, C, h + ph, w + pw]
     return v[..., pads[2]:pads[2] + h, pads[0]:pads[0] + w]
 
-
 @torch.no_grad()
 def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, guidance=1.0,
            amp=None):
-    """Denoise B videos of `frames` frames (<= window, or window + k * stride) from pure noise.
+    """Denoise B videos of `frames` frames (<= window, or window + k * stride) from pure noise;
+    returns latents [B, frames, C, h, w] in fp32. Call scheduler.set_timesteps first.
 
-    cond [B, C, h, w] scaled latents; ef [B] (EF / 100); generators: one per video (its initial
-    noise, then the scheduler's noise at every step), so a video does not depend on the batch.
-    Each step runs all R windows of all videos in one UNet call (batch-major: cond and ef are
-    repeated R times per video), merges them (window 0 whole, then the last `stride` frames of
-    each later window), and takes one scheduler step on the whole video in fp32. guidance != 1
-    adds the NULL_EF pass in the same call (Ho & Salimans 2022). `amp`: an autocast context for
-    the UNet call. Returns latents [B, frames, C, h, w] (fp32). Call scheduler.set_timesteps first.
-    """
+    cond [B, C, h, w] scaled latents; ef [B] EF / 100; generators: one per video (its initial
+    noise, then its step noise), so a video does not depend on its batch. Each step runs all R
+    windows of all videos in one UNet call (under `amp`, an autocast context), merges them and
+    takes one scheduler step on the whole videos in fp32; guidance != 1 adds the NULL_EF pass
+    to the same call."""
     B, C, h, w = cond.shape
     x = randn((B, frames, C, h, w), generators, cond.device, torch.float32)
     R = len(window_starts(frames, window, stride))  # 192 frames -> 5
     cond_w, ef_w = cond.repeat_interleave(R, 0), ef.repeat_interleave(R, 0)
     guide = guidance != 1
     if guide:  # one doubled batch: [conditional; null EF]
-        cond_w = torch.cat([cond_w, cond_w])
+        cond_w, ef_w = cond_w.repeat(2, 1, 1, 1), torch.cat([ef_w, torch.full_like(ef_w, NULL_EF)])
     for t in scheduler.timesteps:
         x_w = split_windows(x, window, stride)  # [B*R, window, C, h, w]
-        x_in, ef_in = cfg_inputs(x_w, ef_w) if guide else (x_w, ef_w)
         with amp or contextlib.nullcontext():
-            v = predict(unet, x_in, cond_w, t, ef_in).float()
+            v = predict(unet, torch.cat([x_w, x_w]) if guide else x_w, cond_w, t, ef_w).float()
         if guide:
             v = guided(*v.chunk(2), guidance)
         x = scheduler.step(merge_windows(v, B, frames, window, stride), t, x, generator=generators)
     return x
 
+def lvdm_loss(unet, scheduler, x0, cond, ef, n_real, generators, ef_dropout=0.1,
+              noise_offset=0.1, amp=None):
+    """The LVDM's training objective on one batch of clips (echosyn/lvdm/train.py's, with its EF
+    dropout applied and its frame mask fixed): the v-prediction MSE over the real frames.
+
+    x0 [B, F, C, h, w] clean scaled latents, zero past n_real [B] real frames per clip; cond
+    [B, C, h, w] the conditioning frame's latent; ef [B] EF / 100; generators: one per clip,
+    drawing in this order its t (uniform in [0, N)), its EF dropout (to NULL_EF with probability
+    ef_dropout) and its offset noise, so a clip's draws do not depend on the batch it is in.
+    `amp`: an autocast context for the UNet call. Returns a 0-dim fp32 tensor.
+    """
+    N = scheduler.config["num_train_timesteps"]
+    t = torch.cat([torch.randint(0, N, (1,), generator=g) for g in generators]).to(x0.device)
+    ef = torch.cat([drop_ef(ef[i:i + 1], ef_dropout, g) for i, g in enumerate(generators)])
+    noise = offset_noise(x0, noise_offset, generators)
+    # Forward process (Ho et al. 2020, Eq. 4) and v target (Salimans & Ho 2022), both from the
+    # same offset noise as in the original, with a = alpha_bar_t:
+    #   x_t = sqrt(a) x0 + sqrt(1 - a) noise,    v = sqrt(a) noise - sqrt(1 - a) x0
+    x_t, v = scheduler.add_noise(x0, noise, t), scheduler.get_velocity(x0, noise, t)
+    with amp or contextlib.nullcontext():
+        v_pred = predict(unet, x_t, cond, t, ef)
+    return masked_mse(v_pred, v, n_real)
 
 # --- EMA of the weights ------------------------------------------------------------------------
-
 
 def ema_decay(step, max_decay=0.9999):
     """diffusers EMAModel's default decay at optimisation step k (1-based): 0 for k = 1, then
@@ -436,7 +378,6 @@ def ema_decay(step, max_decay=0.9999):
     capped at max_decay: k = 2 -> 0.1818, 10 -> 0.5263, 1000 -> 0.99108; the cap at k >= 89 991."""
     s = max(0, step - 1)
     return 0.0 if s <= 0 else min(max_decay, (1 + s) / (10 + s))
-
 
 class EMA:
     """Exponential moving average of a model's weights; `.model` is the averaged copy (fp32, eval,
@@ -473,7 +414,6 @@ class EMA:
         """Restores what state_dict returned (strict key match on the weights)."""
         self.model.load_state_dict(state["model"])
         self.step, self.max_decay = int(state["step"]), state.get("max_decay", self.max_decay)
-
 
 if __name__ == "__main__":
     # Smoke test: a 192-frame video denoised in 64 DDPM steps as 5 stitched windows.

@@ -992,7 +992,7 @@ def read_weights(path: str) -> tuple[dict, str]:
             state.update(load_file(os.path.join(path, shard)))
         return state, index
     if os.path.isfile(binary):  # never unpickle arbitrary objects
-        return torch.load(binary, map_location="cpu", weights_only=True), binary
+        return torch_load(binary), binary
     raise ModelLoadError(
         f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
 
@@ -1052,6 +1052,64 @@ def rename_legacy(key: str) -> str:
 
 def shorten(keys: list, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# --- training checkpoints ----------------------------------------------------------------------
+# train.py writes <run>/checkpoint-<step>/ holding plain state dicts (model.pt; ema.pt, which is
+# diffusion.EMA's {"step", "max_decay", "model"}; optimizer.pt, scaler.pt, trainer.pt) and two
+# JSON files (model_config.json as config_to_dict writes it, training_config.json). It fills a
+# temporary folder and renames it, and deletes old ones by renaming them first, so a folder under
+# its final name is complete; train.py (resume), export.py and sample.py all find them here.
+
+CHECKPOINT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt", "trainer.pt",
+                    "model_config.json", "training_config.json")
+
+
+def torch_load(path: str, **kw):
+    """torch.load(path, weights_only=True) on the CPU: tensors, numbers, strings and containers
+    of them, never arbitrary objects (pickles run code). ModelLoadError names a bad file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
+        raise ModelLoadError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+
+
+def list_checkpoints(run: str) -> list:
+    """[(step, path)] of a run folder's complete checkpoint-<step>/ folders, by step (newest
+    last), not by modification time, which a copy scrambles; a folder lacking any of
+    CHECKPOINT_FILES (an older version's half-deleted one) is left out."""
+    names = sorted(os.listdir(run)) if os.path.isdir(run) else []
+    found = [(int(n[11:]), os.path.join(run, n)) for n in names
+             if n.startswith("checkpoint-") and n[11:].isdigit()]
+    return sorted((step, path) for step, path in found
+                  if all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES))
+
+
+def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
+    """(module in eval mode, checkpoint folder): the UNet or VAE of a training checkpoint with
+    its EMA weights (weights="ema", as the original exported) or its raw ones ("model"). `path`
+    is a checkpoint-<step>/ folder, or a run folder: then its highest complete step."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):  # a run folder
+        found = list_checkpoints(path)
+        if not found:
+            raise ModelLoadError(f"{path}: no complete checkpoint-<step>/ folder in it (a "
+                                 "training run folder or one of its checkpoints expected)")
+        path = found[-1][1]
+    missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ModelLoadError(f"{path}: an incomplete checkpoint (no {', '.join(missing)})")
+    file = os.path.join(path, f"{weights}.pt")
+    state = torch_load(file)
+    try:
+        with open(os.path.join(path, "model_config.json")) as f:
+            config = json.load(f)
+        cls, config_cls = CLASSES[config["_class_name"]]
+        module = cls(config_from_dict(config_cls, config))
+        module.load_state_dict(state.get("model", state))  # ema.pt keeps them under "model"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ModelLoadError(f"{file}: does not load as the model of {path}/model_config.json "
+                             f"({str(e).splitlines()[0]})") from None
+    return module.eval(), path
 
 
 # --- presets -----------------------------------------------------------------------------------

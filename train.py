@@ -7,19 +7,18 @@ on one process or many (torchrun + DDP), without diffusers or Accelerate.
     python train.py --config configs/vae_phantom.json                  # the demo's VAE
     python train.py --config configs/lvdm.json --lr 2e-4 --dry-run     # print the resolved config
 
-Every config key is a flag (--max-steps or --max_steps); flags override the --config file, which
-overrides the defaults (the paper run). The run folder (--out) holds config.json, log.jsonl,
-previews/ and checkpoint-<step>/; the same command again resumes from the latest checkpoint.
-Follows EchoNet-Synthetic's echosyn/lvdm/train.py (reference/echonet-synthetic.md, "Training")
-with nanoGPT's and DiT's DDP loop; differences from the original: docs/train.md.
+Every key of CONFIG below is a flag (--max-steps, or --max_steps); flags override the --config
+file, which overrides CONFIG (the paper run). The run folder (--out) holds config.json,
+log.jsonl, previews/ and checkpoint-<step>/; the same command again resumes from the newest
+checkpoint. Follows EchoNet-Synthetic's echosyn/lvdm/train.py (reference/echonet-synthetic.md,
+"Training") with nanoGPT's and DiT's DDP loop; the objective is diffusion.lvdm_loss; the
+differences from the original: docs/train.md.
 """
 
 import argparse
 import dataclasses
 import json
 import os
-import random
-import re
 import shutil
 import sys
 import time
@@ -37,165 +36,174 @@ import data
 import diffusion
 import model
 
+# --- config: the paper run (EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml) ---------------
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def flag(group, name, **kw):
-    """Config key `name` as a flag spelled both ways: --max-steps and --max_steps."""
-    group.add_argument(*sorted({"--" + name.replace("_", "-"), "--" + name}), dest=name, **kw)
-
-
-def nullable(s):
-    return None if s.lower() in ("", "none", "null") else s
-
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-parser.add_argument("--config", help="JSON file of config keys (the flags below, snake_case)")
-parser.add_argument("--dry-run", "--dry_run", action="store_true",
-                    help="print the resolved config as JSON and exit")
-g = parser.add_argument_group("main")
-flag(g, "model", default="unet", choices=["unet", "vae"],
-     help="what to train: the LVDM's UNet, or a VAE for the phantom demo (real EchoNet work "
-          "uses the published VAE; this mode has no adversarial or perceptual loss)")
-flag(g, "preset", default="lvdm",
-     help="model.py preset (UNet: lvdm, small, tiny; VAE: echonet, small, tiny)")
-flag(g, "data", nargs="+", default=["data/latents/dynamic", "data/latents/ped_a4c",
-                                    "data/latents/ped_psax"],
-     help="data roots, concatenated: FileList.csv + Latents/ (UNet) or + Videos/ (VAE); "
-          "the original's three")
-flag(g, "vae", type=nullable, default="models/vae",
-     help="VAE model folder that decodes the previews ('none': show latent channels 0-2)")
-flag(g, "out", default="out", help="run folder: config.json, log.jsonl, previews/, checkpoints")
-flag(g, "resume", default="latest", help="'latest' checkpoint in --out (none: start fresh), "
-     "'none', or a checkpoint-<step> folder")
-flag(g, "frames", type=int, default=64, help="frames per training clip (the original's 64)")
-flag(g, "fps", type=float, default=32.0, help="clips are resampled to this frame rate (original)")
-g = parser.add_argument_group("hyperparameters (the paper's)")
-flag(g, "batch_size", type=int, default=128, help="global batch: clips per optimizer step over "
-     "all processes (16 per GPU x 8 GPUs in the paper)")
-flag(g, "batch_per_gpu", type=int, default=16,
-     help="most clips per process per forward pass; fewer means gradient accumulation")
-flag(g, "max_steps", type=int, default=500_000, help="optimizer steps")
-flag(g, "lr", type=float, default=1e-4, help="AdamW learning rate, constant after warm-up")
-flag(g, "warmup", type=int, default=500,
-     help="linear warm-up steps: step k (from 1) uses lr * min(1, k / warmup)")
-flag(g, "betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-flag(g, "weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-flag(g, "adam_eps", type=float, default=1e-8, help="AdamW epsilon")
-flag(g, "grad_clip", type=float, default=1.0, help="max gradient norm")
-flag(g, "ema_decay", type=float, default=0.9999, help="EMA decay cap (diffusers' EMAModel "
-     "warm-up: min(cap, (1 + n) / (10 + n)))")
-flag(g, "noise_offset", type=float, default=0.1, help="offset noise strength (Guttenberg 2023)")
-flag(g, "ef_dropout", type=float, default=0.1,
-     help="share of clips trained with NULL_EF, for classifier-free guidance (applied for real)")
-flag(g, "recon_loss", default="l1", choices=["l1", "mse"], help="VAE reconstruction loss")
-flag(g, "kl_weight", type=float, default=1e-6, help="VAE KL weight (latent diffusion's KL-reg)")
-flag(g, "seed", type=int, default=42, help="seeds init, data order, noise (the original's 42)")
-g = parser.add_argument_group("performance")
-flag(g, "device", default="auto", help="'auto' (cuda:LOCAL_RANK if there is a GPU), cpu, cuda")
-flag(g, "precision", default="fp16", choices=["fp32", "bf16", "fp16"], help="autocast on GPU: "
-     "fp16 with a grad scaler as the original, bf16 recommended on Ampere+; the CPU runs fp32")
-flag(g, "tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls (original)")
-flag(g, "compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
-flag(g, "grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
-     help="recompute UNet blocks in the backward pass to save memory")
-flag(g, "workers", type=int, default=16, help="DataLoader workers per process (original)")
-g = parser.add_argument_group("output")
-flag(g, "checkpoint_every", type=int, default=10_000, help="steps between checkpoints")
-flag(g, "keep", type=int, default=100, help="checkpoints kept (the oldest are deleted)")
-flag(g, "preview_every", type=int, default=1500, help="steps between previews (0: never)")
-flag(g, "preview_efs", type=float, nargs="+", default=[0, 40, 70, 100],
-     help="EF values (%%) of the preview videos")
-flag(g, "preview_sampler", default="ddpm", choices=["ddpm", "ddim"],
-     help="preview sampler (the original's DDPM)")
-flag(g, "preview_steps", type=int, default=128, help="preview sampling steps (original: 128)")
-flag(g, "preview_guidance", type=float, default=1.0, help="classifier-free guidance scale")
-flag(g, "log_every", type=int, default=10, help="steps between log.jsonl lines")
-del g
-
+CONFIG = dict(
+    # main
+    model="unet",              # what to train: the LVDM's UNet, or "vae" (the phantom demo's VAE)
+    preset="lvdm",             # model.py preset (UNet lvdm/small/phantom/tiny, VAE echonet/...)
+    data=["data/latents/dynamic", "data/latents/ped_a4c", "data/latents/ped_psax"],  # the roots
+    vae="models/vae",          # VAE folder decoding the previews (none: latent channels 0-2)
+    out="out/lvdm",            # run folder (export.py and sample.py look here by default)
+    resume="latest",           # latest complete checkpoint in out (if any), none, or a folder
+    frames=64,                 # frames per training clip
+    fps=32.0,                  # clips are resampled to this frame rate
+    # hyperparameters
+    batch_size=128,            # global batch: clips per optimizer step, all processes together
+    batch_per_gpu=16,          # most clips per process per forward pass (fewer: accumulation)
+    max_steps=500_000,         # optimizer steps
+    lr=1e-4,                   # AdamW learning rate, constant after the warm-up
+    warmup=500,                # update k (from 1) uses lr * min(1, k / warmup)
+    betas=[0.9, 0.999],        # AdamW betas
+    weight_decay=1e-2,         # AdamW weight decay
+    adam_eps=1e-8,             # AdamW epsilon
+    grad_clip=1.0,             # max gradient norm
+    ema_decay=0.9999,          # EMA decay cap (diffusers' EMAModel warm-up below it)
+    noise_offset=0.1,          # offset noise strength (Guttenberg 2023)
+    ef_dropout=0.1,            # share of clips trained with NULL_EF, for guidance (applied here)
+    recon_loss="l1",           # VAE: reconstruction loss, l1 or mse
+    kl_weight=1e-6,            # VAE: KL weight (latent diffusion's KL-reg)
+    seed=42,                   # seeds the weights, data order and noise
+    # performance
+    device="auto",             # auto (cuda:LOCAL_RANK if there is a GPU), cpu, cuda
+    precision="fp16",          # GPU autocast: fp16 + grad scaler (original), bf16, fp32; CPU: fp32
+    tf32=True,                 # TF32 matmuls (--no-tf32 to turn off)
+    compile=False,             # torch.compile the network
+    grad_checkpointing=False,  # recompute UNet blocks in the backward pass to save memory
+    workers=16,                # DataLoader workers per process
+    # output
+    checkpoint_every=10_000,   # steps between checkpoints
+    keep=100,                  # checkpoints kept (the oldest deleted)
+    preview_every=1500,        # steps between previews (0: none)
+    preview_efs=[0.0, 40.0, 70.0, 100.0],  # EFs (%) of the preview videos
+    preview_sampler="ddpm",    # ddpm (the original's) or ddim
+    preview_steps=128,         # preview sampling steps
+    preview_guidance=1.0,      # classifier-free guidance scale of the previews (1: none)
+    log_every=10,              # steps between log.jsonl lines
+)
+CHOICES = dict(model=["unet", "vae"], precision=["fp32", "bf16", "fp16"],
+               preview_sampler=["ddpm", "ddim"], recon_loss=["l1", "mse"])
+AT_LEAST = dict(batch_size=1, batch_per_gpu=1, frames=1, keep=1, checkpoint_every=1, log_every=1,
+                preview_steps=1, max_steps=0, warmup=0, workers=0, preview_every=0)
 
 class ConfigError(Exception):
     """A bad config file, key or value; the message names it."""
 
-
 class TrainingError(Exception):
     """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
 
-
 def resolve_config(argv=None):
-    """Defaults (the paper run) < --config FILE < command-line flags. Returns (config, dry_run).
+    """CONFIG < --config FILE < command-line flags. Returns (config, dry_run).
 
-    The file's keys become flags placed before the command line's: argparse checks their types
-    and choices, and a flag also given on the command line wins (the last occurrence counts).
+    The file's keys become flags put before the command line's, so argparse checks their types
+    and choices and a flag also given on the command line wins (the last occurrence counts).
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file of config keys")
+    parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
+    for key, value in CONFIG.items():
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(
+            nargs=len(value) if key == "betas" else "+", type=type(value[0])) if isinstance(
+            value, list) else dict(type=type(value), choices=CHOICES.get(key))
+        parser.add_argument("--" + key.replace("_", "-"), default=value, help=" ", **kind)
+    # --max_steps is --max-steps: flags are read in kebab case.
+    argv = [a.split("=")[0].replace("_", "-") + a[len(a.split("=")[0]):] if a[:2] == "--" else a
+            for a in map(str, sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
-    keys = [k for k in vars(args) if k not in ("config", "dry_run")]
     if args.config:
         try:
             with open(args.config) as f:
-                given = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{args.config}: cannot read the config ({e})") from None
-        if not isinstance(given, dict):
-            raise ConfigError(f"{args.config}: expected a JSON object of config keys")
+                given = {k.replace("-", "_"): v for k, v in json.load(f).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{args.config}: not a JSON object of config keys ({e})") from None
+        unknown = [k for k in given if k not in CONFIG and not k.startswith("_")]  # _comment
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown config key {unknown[0]!r} (CONFIG in "
+                              "train.py lists them)")
         tokens = []
-        for key, value in given.items():
-            if key.startswith("_"):  # "_comment": JSON has no comments
-                continue
-            key = key.replace("-", "_")
-            if key not in keys:
-                raise ConfigError(f"{args.config}: unknown config key {key!r} (python train.py "
-                                  "--help lists them)")
+        for key, value in [(k, v) for k, v in given.items() if k in CONFIG]:
+            flag = "--" + key.replace("_", "-")
             if isinstance(value, bool):
-                tokens.append(f"--{key}" if value else f"--no-{key}")
+                tokens.append(flag if value else "--no-" + flag[2:])
             else:
-                tokens += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+                tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
         args = parser.parse_args(tokens + argv)
-    cfg = {k: getattr(args, k) for k in keys}
-    for key, least in [("batch_size", 1), ("batch_per_gpu", 1), ("frames", 1), ("keep", 1),
-                       ("checkpoint_every", 1), ("log_every", 1), ("preview_steps", 1),
-                       ("max_steps", 0), ("warmup", 0), ("workers", 0), ("preview_every", 0)]:
-        if cfg[key] < least:
-            raise ConfigError(f"{key} must be >= {least}, got {cfg[key]}")
+    cfg = {k: getattr(args, k) for k in CONFIG}
+    cfg["vae"] = None if str(cfg["vae"]).lower() in ("", "none", "null") else cfg["vae"]
+    for key in [k for k, least in AT_LEAST.items() if cfg[k] < least]:
+        raise ConfigError(f"{key} must be >= {AT_LEAST[key]}, got {cfg[key]}")
     if not 0 <= cfg["ef_dropout"] <= 1:
         raise ConfigError(f"ef_dropout must be in [0, 1], got {cfg['ef_dropout']}")
     return cfg, args.dry_run
 
+# --- setup: processes, data, model, resume, run folder ------------------------------------------
 
-# --- building blocks ---------------------------------------------------------------------------
+def setup_processes(cfg):
+    """(device, rank, world size). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and each
+    process joins the group (NCCL on GPUs, gloo on the CPU); plain python is one process."""
+    kind = cfg["device"] if cfg["device"] != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if kind == "cuda" else kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+def split_batch(G, per_gpu, world):
+    """(micro-batch, accumulation steps): G = processes x accumulation x micro-batch, the
+    micro-batch the largest divisor of G / processes <= per_gpu (128 = 8 x 1 x 16, the paper)."""
+    if G % world:
+        raise ConfigError(f"batch_size {G} is not divisible by the {world} processes")
+    micro = max(b for b in range(1, min(per_gpu, G // world) + 1) if (G // world) % b == 0)
+    return micro, G // world // micro
 
-def clip_generators(seed, step, positions):
-    """One CPU generator per clip, seeded with (seed, step, position in the global batch): a
-    clip's noise, t and EF dropout do not depend on how the batch is split over processes."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, p])
-                                              .generate_state(1, np.uint64)[0]))
-            for p in positions]
+def make_dataset(cfg, split):
+    """The LVDM's latent clips (each drawn from (seed, epoch, index)), or the VAE's frames."""
+    if cfg["model"] == "vae":
+        return torch.utils.data.ConcatDataset([data.FrameDataset(r, split) for r in cfg["data"]])
+    return data.LatentVideoDataset(cfg["data"], split, cfg["frames"], cfg["fps"], cfg["seed"])
 
+def global_batches(dataset, cfg, rank, world, micro, step, pin_memory):
+    """This process's micro-batches of every global batch from `step` on, epoch after epoch.
+    Epoch e shuffles the items with a generator seeded (seed, e) and cuts them into global
+    batches of G (the rest is dropped); process r of W takes items [r G / W, (r + 1) G / W) of
+    each: any process count sees the same global batches, and a resumed run goes on mid-epoch."""
+    G, share = cfg["batch_size"], cfg["batch_size"] // world
+    steps = len(dataset) // G  # per epoch
+    while True:
+        epoch, first = divmod(step, steps)
+        order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(dataset))
+        mine = order[:steps * G].reshape(steps, world, share)[first:, rank].ravel().tolist()
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)  # before the loader hands it to its workers
+        loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=mine,
+                                                  num_workers=cfg["workers"],
+                                                  pin_memory=pin_memory))
+        for _ in range(first, steps):
+            yield [next(loader) for _ in range(share // micro)]
+        step = (epoch + 1) * steps
 
-def lvdm_loss(unet, scheduler, batch, gens, cfg, amp, device):
-    """v-prediction loss of one micro-batch over its real frames (fp32, 0-dim)."""
-    x0 = batch["latents"].to(device)  # [B, F, C, H, W]
-    cond = batch["cond"].to(device)  # [B, C, H, W]
-    # Per clip, from its own generator: t uniform in [0, 1000), EF dropped to NULL_EF with
-    # probability ef_dropout (the original drew this mask and never applied it), offset noise.
-    N = scheduler.config["num_train_timesteps"]
-    t = torch.cat([torch.randint(0, N, (1,), generator=g) for g in gens]).to(device)
-    ef = torch.cat([diffusion.drop_ef(batch["ef"][i:i + 1], cfg["ef_dropout"], g)
-                    for i, g in enumerate(gens)]).to(device)
-    noise = diffusion.offset_noise(x0, cfg["noise_offset"], gens)
-    # Forward process (DDPM, Ho et al. 2020, Eq. 4) and v target (Salimans & Ho 2022), both from
-    # the same offset noise as in the original, with a = alpha_bar_t:
-    #   x_t = sqrt(a) x0 + sqrt(1 - a) noise,    v = sqrt(a) noise - sqrt(1 - a) x0
-    x_t = scheduler.add_noise(x0, noise, t)
-    v = scheduler.get_velocity(x0, noise, t)
-    with amp:
-        v_pred = diffusion.predict(unet, x_t, cond, t, ef)
-    return diffusion.masked_mse(v_pred, v, batch["n_real"].to(device))
-
+def build_model(cfg, device):
+    """The network to train, from its model.py preset, in train mode; seeded, so every process
+    starts from the same weights."""
+    presets = model.UNET_PRESETS if cfg["model"] == "unet" else model.VAE_PRESETS
+    if cfg["preset"] not in presets:
+        raise ConfigError(f"preset {cfg['preset']!r} is not a {cfg['model']} preset; use one of "
+                          f"{sorted(presets)} (model.py)")
+    torch.manual_seed(cfg["seed"])
+    if cfg["model"] == "vae":
+        return model.AutoencoderKL(presets[cfg["preset"]]).to(device).train()
+    # num_frames records the clip length: sample.py's window (the forward pass ignores it).
+    net = model.UNetSpatioTemporal(dataclasses.replace(presets[cfg["preset"]],
+                                                       num_frames=cfg["frames"]))
+    # One-token cross-attention (the EF) leaves norm2, to_q, to_k without a gradient: frozen,
+    # left out of the optimizer, so DDP needs no unused-parameter search. Kept in the weights.
+    for p in net.unused_with_one_token():
+        p.requires_grad_(False)
+    net.set_gradient_checkpointing(cfg["grad_checkpointing"])
+    return net.to(device).train()
 
 def vae_loss(vae, x, gens, cfg, amp):
     """Reconstruction + KL of one micro-batch of frames x [B, 3, H, W] (fp32, 0-dim)."""
@@ -208,362 +216,223 @@ def vae_loss(vae, x, gens, cfg, amp):
     kl = model.DiagonalGaussian(posterior.moments.float()).kl()  # [B]
     return rec + cfg["kl_weight"] * kl.mean() / x[0].numel()
 
+def objective(cfg, amp, device):
+    """What the loop minimises, picked once: loss(net, micro_batch, generators) -> a 0-dim fp32
+    mean, and count(micro_batch) -> the frames that mean is over (LVDM: the real ones)."""
+    if cfg["model"] == "vae":
+        return (lambda net, x, gens: vae_loss(net, x.to(device), gens, cfg, amp)), len
+    scheduler = diffusion.DDPM()  # the training schedule: 1000 steps, linear betas, v-prediction
 
-class ShardedSampler(torch.utils.data.Sampler):
-    """This process's share of every global batch. Epoch e shuffles the dataset with a generator
-    seeded (seed, e) and cuts it into global batches of G (the rest is dropped); process r of W
-    takes items [r * G / W, (r + 1) * G / W) of each. The order is a function of (seed, epoch)
-    only, so any process count sees the same global batches; `start` skips batches on resume."""
+    def loss(net, batch, gens):
+        x0, cond, ef, n_real = (batch[k].to(device) for k in ("latents", "cond", "ef", "n_real"))
+        return diffusion.lvdm_loss(net, scheduler, x0, cond, ef, n_real, gens,
+                                   cfg["ef_dropout"], cfg["noise_offset"], amp)
+    return loss, lambda batch: int(batch["n_real"].sum())
 
-    def __init__(self, n, global_batch, rank, world, seed):
-        self.n, self.G, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.steps, self.epoch, self.start = n // global_batch, 0, 0  # steps per epoch
+def resume(cfg, net, ema, opt, scaler, log):
+    """The step to start from: 0, or that of the checkpoint --resume names (latest: the run
+    folder's newest complete one, if any) once its model, EMA, optimizer and scaler are loaded.
+    The data position follows from the step: epoch, batch = divmod(step, steps per epoch)."""
+    path = cfg["resume"]
+    if path == "latest":
+        path = (model.list_checkpoints(cfg["out"]) or [(0, "none")])[-1][1]
+    if path == "none":
+        return 0
+    if not os.path.isdir(path):
+        raise ConfigError(f"resume: {path} is not a checkpoint folder")
+    state = {k: model.torch_load(os.path.join(path, k + ".pt"))
+             for k in ("model", "ema", "optimizer", "scaler", "trainer")}
+    try:
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise TrainingError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
+    for group in opt.param_groups:  # this run's settings, not the checkpoint's
+        group.update(betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+                     eps=cfg["adam_eps"])
+    log(f"resumed from {path} at step {state['trainer']['step']}")
+    return state["trainer"]["step"]
 
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
+def prepare_run_folder(cfg, step):
+    """Rank 0: the run folder with config.json; log.jsonl cut back to `step` (a killed run
+    logged past its last checkpoint, perhaps half a line); a crash's temporary folders gone."""
+    out, log = cfg["out"], os.path.join(cfg["out"], "log.jsonl")
+    os.makedirs(os.path.join(out, "previews") if cfg["preview_every"] else out, exist_ok=True)
+    if os.path.isfile(log):
+        with open(log) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(log + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log + ".tmp", log)
+    for name in [n for n in os.listdir(out) if n.startswith(".tmp-")]:
+        shutil.rmtree(os.path.join(out, name))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
 
-    def __len__(self):
-        return (self.steps - self.start) * (self.G // self.world)
+def remove(path):
+    """Deletes a folder after renaming it to .tmp-removed-<name>: a crash meanwhile never leaves
+    a half-deleted folder under its real name."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-removed-" + os.path.basename(path))
+    os.replace(path, tmp)
+    shutil.rmtree(tmp)
 
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        share = self.G // self.world
-        for k in range(self.start, self.steps):
-            yield from order[k * self.G + self.rank * share:][:share].tolist()
+def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
+    """Writes <out>/checkpoint-<step>/ (model.CHECKPOINT_FILES) in a temporary folder renamed at
+    the end, then deletes all but the newest `keep`: a checkpoint-<step> folder is complete."""
+    tmp, final = (os.path.join(cfg["out"], f"{p}checkpoint-{step}") for p in (".tmp-", ""))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+             "scaler": scaler.state_dict() if scaler else {}, "trainer": state}
+    for name, value in files.items():
+        torch.save(value, os.path.join(tmp, name + ".pt"))
+    # Not config.json: the folder is no diffusers model folder (export.py makes one).
+    for name, value in [("training", cfg), ("model", model.config_to_dict(net))]:
+        with open(os.path.join(tmp, f"{name}_config.json"), "w") as f:
+            json.dump(value, f, indent=2)
+    if os.path.exists(final):  # only when the same step is saved again
+        remove(final)
+    os.replace(tmp, final)
+    for _, old in model.list_checkpoints(cfg["out"])[:-cfg["keep"]]:
+        remove(old)
 
+# --- previews ------------------------------------------------------------------------------------
 
-# --- previews ----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def to_pixels(z, vae):
-    """Latents [N, C, h, w] -> uint8 [N, 112, 112, 3]: VAE-decoded as the original's sampler
-    ((x + 1) * 128, clamped), or without a VAE channels 0-2 mapped from [-2, 2] to 0..255."""
-    if vae is None:
-        img = (z[:, :3].float() / 4 + 0.5).clamp(0, 1) * 255
-        img = F.interpolate(img, scale_factor=8, mode="nearest")
-    else:
-        z = z.float() / vae.config.scaling_factor
-        img = torch.cat([vae.decode(c) for c in z.split(32)])  # 32 frames per call
-        img = ((img + 1) * 128).clamp(0, 255)
-    return img.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-
+def latent_pixels(z, vae):
+    """Latents [..., C, h, w] -> uint8 frames [..., 8h, 8w, 3]: decoded by the VAE (data.decode),
+    or without one, channels 0-2 mapped from [-2, 2] to 0..255 and enlarged 8x."""
+    if vae is not None:
+        return data.decode(vae, z)
+    x = F.interpolate(z.flatten(0, -4)[:, :3].float() / 2, scale_factor=8, mode="nearest")
+    return data.to_pixels(x.unflatten(0, z.shape[:-3]))
 
 def with_header(image, labels):
     """uint8 [H, n * w, 3] -> [H + 12, n * w, 3] with one label above each w-wide column."""
     head = Image.new("RGB", (image.shape[1], 12))
-    w = image.shape[1] // len(labels)
     for i, text in enumerate(labels):
-        ImageDraw.Draw(head).text((i * w + 2, 0), text, fill=(255, 255, 0))
-    return np.concatenate([np.asarray(head), image], axis=0)
-
+        ImageDraw.Draw(head).text((i * image.shape[1] // len(labels) + 2, 0), text, fill="yellow")
+    return np.concatenate([np.asarray(head), image])
 
 def save_png(path, image):
     Image.fromarray(image).save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
 
-
 @torch.no_grad()
-def preview_lvdm(unet, vae, item, cfg, amp, device, path):
+def preview_lvdm(unet, path, vae, item, cfg, amp, device):
     """Samples one clip per preview EF from a validation clip's conditioning frame with `unet`
-    (the EMA) and writes path.gif and path.png (8 frames, top to bottom), columns: conditioning
-    frame | real clip | generated at each EF."""
+    (the EMA) and writes path.gif (all frames) and path.png (8 frames, top to bottom); columns:
+    conditioning frame | real clip | generated at each EF."""
     efs = torch.tensor(cfg["preview_efs"], device=device) / 100
-    n, Fr, shape = len(efs), cfg["frames"], item["cond"].shape
-    cond = item["cond"].to(device).expand(n, *shape)
+    n, Fr, cond = len(efs), cfg["frames"], item["cond"].to(device)
     sampler = diffusion.DDIM() if cfg["preview_sampler"] == "ddim" else diffusion.DDPM()
     sampler.set_timesteps(cfg["preview_steps"])
-    gens = [torch.Generator().manual_seed(cfg["seed"] + i) for i in range(n)]
-    x = diffusion.sample(unet, sampler, cond, efs, gens, Fr, window=Fr,
+    gens = [data.item_generator(cfg["seed"], i) for i in range(n)]
+    x = diffusion.sample(unet, sampler, cond.expand(n, *cond.shape), efs, gens, Fr, window=Fr,
                          guidance=cfg["preview_guidance"], amp=amp)
-    fake = to_pixels(x.flatten(0, 1), vae)
-    fake = fake.reshape(n, Fr, *fake.shape[1:])  # [n, F, 112, 112, 3]
-    real = to_pixels(item["latents"].to(device), vae)
+    fake = latent_pixels(x, vae)  # [n, F, H, W, 3]
+    real = latent_pixels(item["latents"].to(device), vae)
     real[int(item["n_real"]):] = 0  # zero padding past the clip's end: black
-    first = np.broadcast_to(to_pixels(item["cond"][None].to(device), vae), real.shape)
-    strip = np.concatenate([first, real, *fake], axis=2)  # [F, 112, (2 + n) * 112, 3]
+    first = np.broadcast_to(latent_pixels(cond[None], vae), real.shape)
+    strip = np.concatenate([first, real, *fake], axis=2)  # [F, H, (2 + n) W, 3]
     labels = ["cond", "real"] + [f"EF {e:g}" for e in cfg["preview_efs"]]
     data.save_video(path + ".gif", [with_header(f, labels) for f in strip], cfg["fps"])
     rows = np.linspace(0, Fr - 1, min(Fr, 8)).round().astype(int)
-    save_png(path + ".png", with_header(np.concatenate(list(strip[rows]), axis=0), labels))
-
+    save_png(path + ".png", with_header(np.concatenate(list(strip[rows])), labels))
 
 @torch.no_grad()
-def preview_vae(vae, frames, path):
+def preview_vae(vae, path, frames):
     """Writes path.png: real | reconstructed (posterior mode) for each frame, one per row."""
-    recon = vae.decode(vae.encode(frames).mode())
-    pixels = [((x + 1) * 128).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-              for x in (frames, recon)]
-    grid = np.concatenate([np.concatenate(pair, axis=1) for pair in zip(*pixels)], axis=0)
+    pixels = [data.to_pixels(x) for x in (frames, vae.decode(vae.encode(frames).mode()))]
+    grid = np.concatenate([np.concatenate(pair, axis=1) for pair in zip(*pixels)])
     save_png(path + ".png", with_header(grid, ["real", "reconstructed"]))
 
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def list_checkpoints(out):
-    """[(step, path)] of the checkpoint-<step> folders in `out`, oldest first."""
-    names = os.listdir(out) if os.path.isdir(out) else []
-    return sorted((int(m[1]), os.path.join(out, m[0]))
-                  for m in map(re.compile(r"checkpoint-(\d+)").fullmatch, names) if m)
-
-
-def rng_states():
-    st = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": (st[0], torch.from_numpy(st[1].astype(np.int64)), *st[2:]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(s):
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(out, step, net, ema, opt, scaler, cfg, state, keep):
-    """Writes out/checkpoint-<step>/ via a temporary folder renamed at the end, so a crash never
-    leaves a half checkpoint; then deletes all but the newest `keep`."""
-    final = os.path.join(out, f"checkpoint-{step}")
-    tmp = os.path.join(out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(net.state_dict(), os.path.join(tmp, "model.pt"))
-    torch.save(ema.state_dict(), os.path.join(tmp, "ema.pt"))  # {"step", "max_decay", "model"}
-    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(scaler.state_dict() if scaler else {}, os.path.join(tmp, "scaler.pt"))
-    torch.save(state, os.path.join(tmp, "trainer.pt"))  # step, epoch, batch, RNG states per rank
-    configs = {"training_config.json": cfg, "model_config.json": model.config_to_dict(net)}
-    for name, d in configs.items():  # not config.json: the folder is no diffusers model folder
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(d, f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step
-    os.replace(tmp, final)
-    for _, old in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(old)
-
-
-def load(path, name, device="cpu"):
+def make_preview(cfg, train_set, device, amp):
+    """Rank 0's preview, a function of (EMA model, path), on fixed validation data so that
+    previews are comparable: the first VAL clip (LVDM) or 8 VAL frames (VAE)."""
     try:
-        return torch.load(os.path.join(path, name), map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise TrainingError(f"{os.path.join(path, name)}: unreadable ({e})") from None
+        val_set = make_dataset(cfg, "VAL")
+    except data.DataError:
+        print("no usable VAL split: previews use TRAIN data")
+        val_set = train_set
+    if cfg["model"] == "vae":
+        picks = np.linspace(0, len(val_set) - 1, 8).round().astype(int)
+        frames = torch.stack([val_set[int(i)] for i in picks]).to(device)
+        return lambda vae, path: preview_vae(vae, path, frames)
+    vae = model.load_model(cfg["vae"], expect="AutoencoderKL").to(device) if cfg["vae"] else None
+    item = val_set[0]
+    return lambda unet, path: preview_lvdm(unet, path, vae, item, cfg, amp, device)
 
-
-def truncate_log(path, step):
-    """Keeps the log.jsonl lines up to `step`: a killed run wrote more after its last checkpoint,
-    perhaps half a line."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step and line.endswith("\n"):
-                    kept.append(line)
-            except (ValueError, KeyError):
-                pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def build_model(cfg):
-    """The network to train, from its model.py preset."""
-    unet = cfg["model"] == "unet"
-    presets = model.UNET_PRESETS if unet else model.VAE_PRESETS
-    if cfg["preset"] not in presets:
-        raise ConfigError(f"preset {cfg['preset']!r} is not a {cfg['model']} preset; use one of "
-                          f"{sorted(presets)} (model.py)")
-    config = presets[cfg["preset"]]
-    if unet:  # num_frames records the clip length: sample.py's window (forward ignores it)
-        return model.UNetSpatioTemporal(dataclasses.replace(config, num_frames=cfg["frames"]))
-    return model.AutoencoderKL(config)
-
-
-def global_batches(loader, sampler, dataset, step, accum):
-    """This process's micro-batches of each global batch, epoch after epoch, from `step` on."""
-    while True:
-        epoch, first = divmod(step, sampler.steps)
-        sampler.set_epoch(epoch, first)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # before iter(): it reaches the workers when they start
-        micro_batches = iter(loader)
-        for _ in range(first, sampler.steps):
-            yield [next(micro_batches) for _ in range(accum)]
-        step = (epoch + 1) * sampler.steps
-
-
-# --- training ----------------------------------------------------------------------------------
-
+# --- training ------------------------------------------------------------------------------------
 
 def train(cfg):
-    """The whole run. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process."""
-    # Processes and devices: NCCL on GPUs, gloo on the CPU.
-    ddp = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    kind = cfg["device"] if cfg["device"] != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if kind == "cuda" else kind)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master, out, unet_mode = rank == 0, cfg["out"], cfg["model"] == "unet"
+    """The whole run, on every process."""
+    # Processes, batch arithmetic, mixed precision on GPUs only: fp16 (the original's) with a
+    # grad scaler, or bf16; TF32.
+    device, rank, world = setup_processes(cfg)
+    ddp, master, out, G = dist.is_initialized(), rank == 0, cfg["out"], cfg["batch_size"]
     log = print if master else (lambda *a, **k: None)
-
-    # Global batch G = processes x accumulation steps x micro-batch (the largest <= batch_per_gpu
-    # that divides G / processes): 128 = 8 x 1 x 16 in the paper.
-    G = cfg["batch_size"]
-    if G % world:
-        raise ConfigError(f"batch_size {G} is not divisible by the {world} processes")
-    per_rank = G // world
-    micro = max(b for b in range(1, min(cfg["batch_per_gpu"], per_rank) + 1) if per_rank % b == 0)
-    accum = per_rank // micro
-
-    # Mixed precision on GPUs only: fp16 (the original's) with a grad scaler, or bf16; TF32.
+    micro, accum = split_batch(G, cfg["batch_per_gpu"], world)
     precision = cfg["precision"] if device.type == "cuda" else "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
 
-    # Data: the order of the global batches depends on (seed, epoch) only (ShardedSampler), and
-    # each clip's window and conditioning frame on (seed, epoch, index) (data.py).
-    def make(split):
-        if unet_mode:
-            return data.LatentVideoDataset(cfg["data"], split, cfg["frames"], cfg["fps"],
-                                           cfg["seed"])
-        return torch.utils.data.ConcatDataset([data.FrameDataset(r, split) for r in cfg["data"]])
-
-    train_set = make("TRAIN")
+    # Data, model, EMA, optimizer, resume, run folder, previews.
+    train_set = make_dataset(cfg, "TRAIN")
     if len(train_set) < G:
         raise data.DataError(f"{len(train_set)} training items in {', '.join(cfg['data'])}: "
                              f"fewer than one global batch ({G})")
-    sampler = ShardedSampler(len(train_set), G, rank, world, cfg["seed"])
-    loader = torch.utils.data.DataLoader(train_set, batch_size=micro, sampler=sampler,
-                                         num_workers=cfg["workers"],
-                                         pin_memory=device.type == "cuda")
-
-    # Model, EMA and optimizer. The same initial weights on every process; then seed + rank.
-    torch.manual_seed(cfg["seed"])
-    net = build_model(cfg)
-    if unet_mode:
-        # One-token cross-attention (the EF) leaves norm2, to_q, to_k without a gradient: frozen,
-        # left out of the optimizer, so DDP needs no unused-parameter search. Kept in the weights.
-        for p in net.unused_with_one_token():
-            p.requires_grad_(False)
-        net.set_gradient_checkpointing(cfg["grad_checkpointing"])
-    net.to(device).train()
+    net = build_model(cfg, device)
     ema = diffusion.EMA(net, cfg["ema_decay"])
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                            weight_decay=cfg["weight_decay"], eps=cfg["adam_eps"],
-                            fused=device.type == "cuda")
-    random.seed(cfg["seed"] + rank)
-    np.random.seed(cfg["seed"] + rank)
-    torch.manual_seed(cfg["seed"] + rank)
-
-    # Resume: model, EMA, optimizer, scaler, step and RNG states; the data position follows from
-    # the step (epoch, batch = divmod(step, steps per epoch)).
-    step, path = 0, None
-    if cfg["resume"] == "latest":
-        path = (list_checkpoints(out) or [(0, None)])[-1][1]
-    elif cfg["resume"] != "none":
-        path = cfg["resume"]
-        if not os.path.isdir(path):
-            raise ConfigError(f"resume: {path} is not a checkpoint folder")
-    if path:
-        try:
-            net.load_state_dict(load(path, "model.pt"))
-            ema.load_state_dict(load(path, "ema.pt"))
-            opt.load_state_dict(load(path, "optimizer.pt"))
-            if scaler and load(path, "scaler.pt"):
-                scaler.load_state_dict(load(path, "scaler.pt"))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise TrainingError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
-        for group in opt.param_groups:  # this run's settings, not the checkpoint's
-            group.update(betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                         eps=cfg["adam_eps"])
-        state = load(path, "trainer.pt")
-        step = state["step"]
-        if len(state["rng"]) == world:
-            set_rng_states(state["rng"][rank])
-        else:
-            log(f"{path} was written by {len(state['rng'])} processes: RNG states not restored "
-                "(the training noise does not use them)")
-        log(f"resumed from {path} at step {step}")
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
+                            weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
+    step = resume(cfg, net, ema, opt, scaler, log)
     if master:
-        os.makedirs(out, exist_ok=True)
-        truncate_log(os.path.join(out, "log.jsonl"), step)
-        for name in os.listdir(out):  # a checkpoint cut short by a crash
-            if name.startswith(".tmp-checkpoint-"):
-                shutil.rmtree(os.path.join(out, name))
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        prepare_run_folder(cfg, step)
+    preview = make_preview(cfg, train_set, device, amp) if master and cfg["preview_every"] else None
 
-    # Previews (rank 0): a fixed validation clip (or 8 frames) so that previews are comparable.
-    vae, val = None, None
-    if master and cfg["preview_every"]:
-        try:
-            val_set = make("VAL")
-        except data.DataError:
-            log("no usable VAL split: previews use TRAIN data")
-            val_set = train_set
-        if unet_mode:
-            val = val_set[0]
-            if cfg["vae"]:
-                vae = model.load_model(cfg["vae"], expect="AutoencoderKL").to(device)
-        else:
-            val = torch.stack([val_set[int(i)] for i in
-                               np.linspace(0, len(val_set) - 1, 8).round()]).to(device)
-
-    # Wrap for DDP (gradients averaged on the last micro-step) and torch.compile. The checkpoint
-    # saves `net` itself, so its keys carry neither "module." nor "_orig_mod.".
+    # DDP averages the gradients on the last micro-step; torch.compile is optional. Checkpoints
+    # save `net` itself, so its keys carry neither "module." nor "_orig_mod.".
     ddp_net = DDP(net, device_ids=[device] if device.type == "cuda" else None,
                   gradient_as_bucket_view=True) if ddp else None
-    train_net = ddp_net or net
-    if cfg["compile"]:
-        train_net = torch.compile(train_net)
-    scheduler = diffusion.DDPM()  # the training schedule: 1000 steps, linear betas, v-prediction
-
-    trained = sum(p.numel() for p in params)
+    train_net = torch.compile(ddp_net or net) if cfg["compile"] else ddp_net or net
+    loss_of, count = objective(cfg, amp, device)
+    batches = global_batches(train_set, cfg, rank, world, micro, step, device.type == "cuda")
+    epoch_steps = len(train_set) // G
     log(f"{cfg['model']} '{cfg['preset']}': {model.count_parameters(net):,} parameters, "
-        f"{trained:,} trained; {len(train_set)} items, {sampler.steps} steps per epoch; batch "
-        f"{G} = {world} processes x {accum} accumulation x {micro}; {device}, {precision}")
-    batches = global_batches(loader, sampler, train_set, step, accum)
-    sums, t0 = {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "data_s": 0.0}, time.time()
+        f"{sum(p.numel() for p in params):,} trained; {len(train_set)} items, {epoch_steps} "
+        f"steps per epoch; batch {G} = {world} processes x {accum} accumulation x {micro}; "
+        f"{device}, {precision}")
+    since, data_s, t0 = [], 0.0, time.time()  # (loss, grad norm) of the steps since the last log
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
     with bar:  # closed on errors too, before main() prints the error
         while step < cfg["max_steps"]:
-            # Load this step's micro-batches and count the real frames of the global batch.
+            # Load this step's micro-batches and count the global batch's (real) frames.
             tic = time.time()
             micro_batches = next(batches)
-            sums["data_s"] += time.time() - tic
-            counts = [int(b["n_real"].sum()) if unet_mode else len(b) for b in micro_batches]
+            data_s += time.time() - tic
+            counts = [count(batch) for batch in micro_batches]
             total = torch.tensor(sum(counts), device=device)
             if ddp:
                 dist.all_reduce(total)
-            total = int(total)
 
-            # Forward and backward. Each micro-batch's loss (a mean over its real frames) is
-            # weighted by its share of the global batch's real frames, times the process count
-            # that DDP's average divides out: the gradient is that of the mean over all real
-            # frames of the global batch, however it is split over processes and micro-steps.
+            # Forward and backward. Each micro-batch's loss (a mean over its frames) is weighted
+            # by its share of the global batch's frames, times the process count that DDP's
+            # average divides out: the gradient is that of the mean over all frames of the
+            # global batch, however it is split. Each clip draws its noise, t and EF dropout
+            # from its own generator, seeded (seed, step, its place in the global batch).
             loss_sum = torch.zeros((), device=device)
             for j, batch in enumerate(micro_batches):
-                start = rank * per_rank + j * micro  # this micro-batch's place in the global one
-                gens = clip_generators(cfg["seed"], step, range(start, start + micro))
-                last = j == accum - 1
-                with ddp_net.no_sync() if ddp and not last else nullcontext():
-                    if unet_mode:
-                        loss = lvdm_loss(train_net, scheduler, batch, gens, cfg, amp, device)
-                    else:
-                        x = batch.to(device, non_blocking=True)
-                        loss = vae_loss(train_net, x, gens, cfg, amp)
-                    share = counts[j] / total
+                first = rank * (G // world) + j * micro
+                gens = [data.item_generator(cfg["seed"], step, first + i) for i in range(micro)]
+                with ddp_net.no_sync() if ddp and j < accum - 1 else nullcontext():
+                    loss = loss_of(train_net, batch, gens)
+                    share = counts[j] / int(total)
                     weighted = loss * (share * world)
                     (scaler.scale(weighted) if scaler else weighted).backward()
                 loss_sum += loss.detach() * share
@@ -602,55 +471,42 @@ def train(cfg):
             ema.update(net)
             step += 1
 
-            # Log: loss averaged over processes and steps, lr, grad norm, clips per second.
-            sums["loss"] += loss
-            sums["grad_norm"] += grad_norm
-            sums["steps"] += 1
+            # Log: loss and grad norm averaged over processes and steps, lr, clips per second.
+            since.append((loss, grad_norm))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if master and (step % cfg["log_every"] == 0 or step == cfg["max_steps"]):
-                n, seconds = sums["steps"], time.time() - t0
-                line = {"step": step, "epoch": (step - 1) // sampler.steps, "lr": lr,
-                        "loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n,
-                        "clips_per_s": n * G / seconds, "data_wait": sums["data_s"] / seconds}
+                seconds = time.time() - t0
+                mean_loss, mean_norm = np.mean(since, axis=0).tolist()
+                line = {"step": step, "epoch": (step - 1) // epoch_steps, "lr": lr,
+                        "loss": mean_loss, "grad_norm": mean_norm,
+                        "clips_per_s": len(since) * G / seconds, "data_wait": data_s / seconds}
                 with open(os.path.join(out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(line) + "\n")
-                sums, t0 = dict.fromkeys(sums, 0), time.time()
-            pause = time.time()
+                since, data_s, t0 = [], 0.0, time.time()
 
-            # Checkpoint (every process's RNG state, rank 0 writes) and preview.
+            # Checkpoint (rank 0 writes, the others wait) and preview; neither counts in clips/s.
+            pause = time.time()
             if step % cfg["checkpoint_every"] == 0 or step == cfg["max_steps"]:
-                states = [None] * world
-                if ddp:
-                    dist.all_gather_object(states, rng_states())
-                else:
-                    states = [rng_states()]
-                state = {"step": step, "epoch": step // sampler.steps,
-                         "batch": step % sampler.steps, "world_size": world, "rng": states}
                 if master:
-                    save_checkpoint(out, step, net, ema, opt, scaler, cfg, state, cfg["keep"])
+                    save_checkpoint(cfg, step, net, ema, opt, scaler, {
+                        "step": step, "epoch": step // epoch_steps, "batch": step % epoch_steps,
+                        "world_size": world})
                 if ddp:
                     dist.barrier()
-            if master and cfg["preview_every"] and step % cfg["preview_every"] == 0:
-                path = os.path.join(out, "previews", f"step-{step}")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                if unet_mode:
-                    preview_lvdm(ema.model, vae, val, cfg, amp, device, path)
-                else:
-                    preview_vae(ema.model, val, path)
-            t0 += time.time() - pause  # checkpoints and previews do not count against clips/s
+            if preview and step % cfg["preview_every"] == 0:
+                preview(ema.model, os.path.join(out, "previews", f"step-{step}"))
+            t0 += time.time() - pause
     log(f"done: {step} steps in {out}")
-
 
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     try:
         cfg, dry_run = resolve_config(argv)
-        if dry_run:
-            if rank == 0:
-                print(json.dumps(cfg, indent=2))
-            return
-        train(cfg)
+        if dry_run and rank == 0:
+            print(json.dumps(cfg, indent=2))
+        if not dry_run:
+            train(cfg)
     except (ConfigError, TrainingError, data.DataError, model.ModelLoadError) as e:
         # One line, no traceback. A DataLoader worker's error arrives with the worker's traceback
         # in its message: keep its last line, and print it from whichever process met it.
@@ -663,7 +519,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@
 Reference: EchoNet-Synthetic's echosyn/lvdm/sample.py rebuilt with diffusers 0.42.1: [B, C, F, H,
 W] latents re-padded and re-laid out at every step, windows stacked window-major, one
 UNetSpatioTemporalConditionModel call per step, DDPMScheduler.step on the global RNG, then
-AutoencoderKL decode in chunks of batch_size frames. Ours: diffusion.sample + sample.decode.
+AutoencoderKL decode in chunks of batch_size frames. Ours: diffusion.sample + data.decode.
 Both get the same weights (random, perturbed). Timings alternate ours / reference and report the
 median of --repeats; the ratio is ours / reference in videos per second (> 1: ours is faster).
 On a CPU shared with other jobs, --threads 1 avoids OpenMP oversubscription (2-7x swings).
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as nnf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
 import diffusion  # noqa: E402
 import model  # noqa: E402
-import sample  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,10 +68,10 @@ def reference(unet, vae, scheduler, cond, ef, frames, T, batch_size):
 
 
 def ours(unet, vae, scheduler, cond, ef, frames, T, batch_size):
-    gens = [sample.video_generator(0, i) for i in range(len(cond))]
+    gens = [data.item_generator(0, i) for i in range(len(cond))]
     latents = diffusion.sample(unet, scheduler, cond, ef, gens, frames, T, T // 2)
     yield  # denoising done; decoding follows
-    yield sample.decode(vae, latents)
+    yield data.decode(vae, latents)
 
 
 def main():

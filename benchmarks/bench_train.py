@@ -4,13 +4,14 @@ same loop built on diffusers' UNetSpatioTemporalConditionModel (the original's n
     python benchmarks/bench_train.py                                  # small UNet, 16 frames, CPU
     python benchmarks/bench_train.py --preset lvdm --frames 64 --batch 16 --device cuda --amp bf16
 
-The step is train.py's: lvdm_loss (offset noise, v target, padded 16x16 UNet call, masked MSE),
-backward, clipping, AdamW, EMA update. Only the network differs: ours, or diffusers' with the
-same config and weights (its output's `.sample` taken). Both freeze the same one-token
-cross-attention parameters. Steps alternate between the two so that both see the same machine
-load; the minimum over steps is the least disturbed figure, the median is printed too.
+The step is train.py's: diffusion.lvdm_loss (offset noise, v target, padded 16x16 UNet call,
+masked MSE), backward, clipping, AdamW, EMA update. Only the network differs: ours, or
+diffusers' with the same config and weights (its output's `.sample` taken). Both freeze the
+same one-token cross-attention parameters. Steps alternate between the two so that both see
+the same machine load; the minimum over steps is the least disturbed figure, the median is
+printed too.
 The loader reads random latents written to a temporary folder ([120, 4, 14, 14] at 50 fps, as
-EchoNet-Dynamic's ~2.4 s videos) through LatentVideoDataset and train.py's ShardedSampler.
+EchoNet-Dynamic's ~2.4 s videos) through LatentVideoDataset and train.py's global_batches.
 """
 
 import argparse
@@ -75,21 +76,15 @@ def loader_speed(args):
             writer.writeheader()
             writer.writerows(rows)
         dataset = data.LatentVideoDataset(root, "TRAIN", frames=args.frames, fps=32)
-        sampler = train.ShardedSampler(len(dataset), args.batch, 0, 1, seed=0)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=sampler,
-                                             num_workers=args.workers)
+        cfg = {"batch_size": args.batch, "seed": 0, "workers": args.workers}
         clips, start = 0, None
-        for epoch in range(1000):
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            for batch in loader:
-                if start is None:
-                    start = time.perf_counter()  # workers started and warmed up
-                    continue
-                clips += len(batch["latents"])
-                if clips >= 400:
-                    return clips / (time.perf_counter() - start)
-    return clips / (time.perf_counter() - start)
+        for (batch,) in train.global_batches(dataset, cfg, 0, 1, args.batch, 0, False):
+            if start is None:
+                start = time.perf_counter()  # workers started and warmed up
+                continue
+            clips += len(batch["latents"])
+            if clips >= 400:
+                return clips / (time.perf_counter() - start)
 
 
 def make_step(net, args, device, amp):
@@ -98,18 +93,18 @@ def make_step(net, args, device, amp):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     ema = diffusion.EMA(net)
     scheduler = diffusion.DDPM()
-    cfg = {"ef_dropout": 0.1, "noise_offset": 0.1}
     B = args.batch
-    batch = {"latents": torch.randn(B, args.frames, 4, 14, 14), "cond": torch.randn(B, 4, 14, 14),
-             "ef": torch.rand(B), "n_real": torch.full((B,), args.frames)}
+    x0, cond = torch.randn(B, args.frames, 4, 14, 14, device=device), torch.randn(B, 4, 14, 14,
+                                                                                 device=device)
+    ef, n_real = torch.rand(B, device=device), torch.full((B,), args.frames, device=device)
     state = {"step": 0}
 
     def step():
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         tic = time.perf_counter()
-        gens = train.clip_generators(0, state["step"], range(B))
-        loss = train.lvdm_loss(net, scheduler, batch, gens, cfg, amp, device)
+        gens = [data.item_generator(0, state["step"], i) for i in range(B)]
+        loss = diffusion.lvdm_loss(net, scheduler, x0, cond, ef, n_real, gens, amp=amp)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as nnf
 from PIL import Image
 
+import data
 import diffusion
 import model
 import sample
@@ -114,14 +115,14 @@ def compare_with_original(folders, monkeypatch, B, sampler, ef_order, frames=16,
 
     # The same noise on both sides: the reference's initial latents and its scheduler's noise
     # (the original's step draws from the global RNG) come from our per-video generators.
-    twins = [sample.video_generator(0, i) for i in range(B)]
+    twins = [data.item_generator(0, i) for i in range(B)]
     noise = lambda shape, *a, **k: diffusion.randn(  # noqa: E731
         (B, shape[2], shape[1], *shape[3:]), twins).permute(0, 2, 1, 3, 4)
     monkeypatch.setattr(ddpm_module, "randn_tensor", noise)
     with torch.no_grad():
         expected = original_loop(ref, ref_scheduler, cond, ef, noise, frames, 8, ef_order)
         got = diffusion.sample(ours, scheduler, cond, ef,
-                                    [sample.video_generator(0, i) for i in range(B)], frames, 8, 4)
+                                    [data.item_generator(0, i) for i in range(B)], frames, 8, 4)
     return got, expected
 
 
@@ -154,7 +155,7 @@ def test_decode_equals_original(folders):
     with torch.no_grad():
         x = ref.decode(z[0] / ref.config.scaling_factor).sample
         expected = ((x + 1) * 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        got = sample.decode(ours, z, chunk=2)
+        got = data.decode(ours, z, chunk=2)
     assert got.shape == (1, 3, 112, 112, 3) and got.dtype == np.uint8
     assert np.abs(got[0].astype(int) - expected).max() <= 1
 
@@ -170,7 +171,7 @@ def test_guidance_mixes_in_the_null_ef_prediction():
     for e, guidance in ((ef, s), (diffusion.NULL_EF + s * (ef - diffusion.NULL_EF), 1.0)):
         scheduler = diffusion.DDPM()
         scheduler.set_timesteps(3)
-        gens = [sample.video_generator(1, i) for i in range(2)]
+        gens = [data.item_generator(1, i) for i in range(2)]
         runs.append(diffusion.sample(unet, scheduler, cond, e, gens, 12, 8, 4, guidance))
     torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
 
@@ -256,9 +257,9 @@ def test_image_conditioning_is_a_seeded_posterior_sample(folders, tmp_path):
     vae = model.load_model(str(folders / "vae"))
     with torch.no_grad():
         got = sample.conditioning([str(tmp_path / "f.png")], (4, 14, 14), vae,
-                                  [sample.video_generator(5, 7)], "cpu")
+                                  [data.item_generator(5, 7)], "cpu")
         x = torch.from_numpy(frame).float()[None, None].repeat(1, 3, 1, 1) / 128 - 1
-        expected = vae.encode(x).sample(sample.video_generator(5, 7)) * vae.config.scaling_factor
+        expected = vae.encode(x).sample(data.item_generator(5, 7)) * vae.config.scaling_factor
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
@@ -271,7 +272,7 @@ def test_ef_from_filelist_draws_real_efs(folders, tmp_path):
         "--ef_from", str(tmp_path / "FileList.csv"))
     with open(tmp_path / "out" / "FileList.csv") as f:
         got = [float(r["EF"]) for r in csv.DictReader(f)]
-    draws = [sample.draw_ef(sample.video_generator(0, i), 10, 90, efs) for i in range(20)]
+    draws = [sample.draw_ef(data.item_generator(0, i), 10, 90, efs) for i in range(20)]
     assert got == draws[:3] and set(draws) == set(efs)
 
 
