@@ -227,18 +227,14 @@ def resample_indices(n, fps, target=32, phase=0):
 # --- datasets ------------------------------------------------------------------------------------
 
 class LatentVideoDataset(torch.utils.data.Dataset):
-    """Latent echo videos for LVDM training, as the original's `Latent` dataset.
-
-    Reads `<root>/FileList.csv` and `<root>/Latents/<FileName>.pt` ([T, 4, 14, 14], scaled) for
-    every root (concatenated). Keeps `split` videos longer than frames / fps seconds (2 s), as
-    the original; rows without a latent are left out with a warning. An item: the video resampled
-    to `fps` with a random phase, a random window of `frames` resampled frames (zero-padded if
-    shorter), a random conditioning frame from the whole video, EF / 100:
-    {"latents": [frames, 4, 14, 14], "cond": [4, 14, 14], "ef": float32, "n_real": int64,
-    "name": str}. Randomness comes from a generator seeded with (seed, epoch, index), so an item
-    does not depend on worker count or order; call `set_epoch` before each epoch's iterator (it
-    reaches DataLoader workers when they start, so not with `persistent_workers=True`).
-    """
+    """Latent echo clips for LVDM training, as the original's `Latent` dataset: the `split`
+    videos of every root's FileList.csv with a `Latents/<FileName>.pt` ([T, 4, 14, 14], scaled;
+    rows without one are left out with a warning) longer than frames / fps seconds (2 s).
+    An item: {"latents": [frames, 4, 14, 14], a random window of the video resampled to `fps`
+    with a random phase, zero-padded; "cond": [4, 14, 14], a random frame of the whole video;
+    "ef": EF / 100; "n_real": int64; "name"}, drawn from a generator seeded (seed, epoch, index),
+    whatever the workers or the order. Call `set_epoch` before each epoch's iterator (workers
+    copy the dataset when they start, so not with persistent_workers=True)."""
 
     def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0, latent_shape=(4, 14, 14)):
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)

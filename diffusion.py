@@ -13,7 +13,6 @@ native layout; t is always diffusion time; ef is the ejection fraction in [0, 1]
 """
 
 import contextlib
-import copy
 
 import torch
 
@@ -56,12 +55,10 @@ class _Scheduler:
         clip_sample_range=4.0,  # the original's choice (diffusers' default is 1.0)
         steps_offset=0,  # added to the "leading" timesteps of set_timesteps
     ):
-        if not (isinstance(num_train_timesteps, int) and num_train_timesteps >= 1):
-            raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: need an int >= 1")
-        if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"betas {beta_start}..{beta_end}: need 0 < beta_start <= beta_end < 1")
-        if not clip_sample_range > 0 or steps_offset < 0:
-            raise ValueError("clip_sample_range must be > 0 and steps_offset >= 0")
+        if not 0 < beta_start <= beta_end < 1 or not clip_sample_range > 0 or steps_offset < 0:
+            raise ValueError(f"betas {beta_start}..{beta_end}, clip_sample_range "
+                             f"{clip_sample_range}, steps_offset {steps_offset}: need 0 < "
+                             "beta_start <= beta_end < 1, clip_sample_range > 0, steps_offset >= 0")
         self.config = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
                            beta_end=beta_end, beta_schedule="linear", clip_sample=clip_sample,
                            clip_sample_range=clip_sample_range, steps_offset=steps_offset,
@@ -129,12 +126,9 @@ class DDPM(_Scheduler):
         return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
 
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
-        """One step x_t -> x_prev, prev the next entry of `.timesteps` (-1 after the last).
-
-        model_output (v), x_t: [B, ...]; t: an element of `.timesteps` (int or 0-dim tensor);
-        generator: None, a torch.Generator or a list of B (see `randn`). Noise is drawn only
-        when t > 0. Returns x_prev [B, ...], or (x_prev, clipped x0) with return_x0=True.
-        """
+        """One step x_t -> x_prev [B, ...] (and the clipped x0 with return_x0), prev the next
+        entry of `.timesteps` (-1 after the last); model_output (v), x_t [B, ...]; t an entry of
+        `.timesteps`; generator as in `randn`, drawn from only when t > 0."""
         t = int(t)
         prev_t = self._previous(t)
         a_t = self.alphas_cumprod[t]
@@ -169,12 +163,9 @@ class DDIM(_Scheduler):
         self.final_alpha_cumprod = self.one if set_alpha_to_one else self.alphas_cumprod[0]
 
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
-        """One DDIM step x_t -> x_prev with prev = t - N // n, the next entry of `.timesteps`.
-
-        model_output (v), x_t: [B, ...]; t: an element of `.timesteps`; generator as in `randn`,
-        used only when eta > 0 (then at every step, also the last). Returns x_prev [B, ...], or
-        (x_prev, clipped x0) with return_x0=True.
-        """
+        """One step x_t -> x_prev [B, ...] (and the clipped x0 with return_x0), prev = t - N // n
+        the next entry of `.timesteps`; arguments as DDPM.step's; the generator is drawn from at
+        every step (the last too) when eta > 0, never when eta = 0."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(n) before DDIM.step")
         t = int(t)
@@ -195,11 +186,9 @@ class DDIM(_Scheduler):
 # --- training noise, EF dropout, masked MSE, guidance -------------------------------------------
 
 def offset_noise(x0, strength=0.1, generator=None):
-    """Training noise: randn_like(x0) + strength * randn(B, 1, C, 1, 1) (Guttenberg 2023).
-
-    x0: [B, F, C, H, W]; generator as in `randn`. One offset per (video, channel), constant over
-    frames and pixels: the original's randn(B, C, 1, 1, 1) on its [B, C, F, H, W] layout.
-    """
+    """Training noise for x0 [B, F, C, H, W]: randn_like(x0) + strength * randn(B, 1, C, 1, 1)
+    (Guttenberg 2023), one offset per (video, channel) as the original's randn(B, C, 1, 1, 1) on
+    its [B, C, F, H, W] layout; generator as in `randn`."""
     if x0.ndim != 5:
         raise ValueError(f"offset_noise wants latents [B, F, C, H, W], got {tuple(x0.shape)}")
     B, F, C, H, W = x0.shape
@@ -213,11 +202,8 @@ def offset_noise(x0, strength=0.1, generator=None):
 NULL_EF = -1.0
 
 def drop_ef(ef, p, generator=None):
-    """Replaces each item's ef by NULL_EF with probability p (classifier-free guidance training).
-
-    ef: [B] or [B, 1, 1]; generator: None or a torch.Generator. Returns a new tensor like ef.
-    The original drew this mask (drop_conditionning 0.1) but never applied it.
-    """
+    """ef [B] or [B, 1, 1] with each item replaced by NULL_EF with probability p, drawn from
+    `generator` (classifier-free guidance training; the original drew this mask, never used it)."""
     if not 0 <= p <= 1:
         raise ValueError(f"drop_ef: p={p!r} must be in [0, 1]")
     device = generator.device if generator is not None else ef.device
@@ -225,11 +211,8 @@ def drop_ef(ef, p, generator=None):
     return torch.where(drop.view(-1, *[1] * (ef.ndim - 1)), torch.full_like(ef, NULL_EF), ef)
 
 def masked_mse(pred, target, n_real=None):
-    """MSE over real frames only, in float32.
-
-    pred, target: [B, F, ...] (frames on dim 1); n_real: [B] ints, frames index < n_real are
-    real (None: all). Returns a 0-dim tensor.
-    """
+    """The float32 MSE of pred, target [B, F, ...] over the real frames, index < n_real [B]
+    (None: all). Returns a 0-dim tensor."""
     err = (pred.float() - target.float()) ** 2
     if n_real is None:
         return err.mean()
@@ -243,20 +226,15 @@ def masked_mse(pred, target, n_real=None):
     return torch.where(real, err, 0.0).sum() / (real.sum() * per_frame).clamp(min=1)
 
 def guided(v_cond, v_uncond, scale):
-    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with scale = 1 + w):
-
-    out = v_uncond + scale * (v_cond - v_uncond); v_cond, v_uncond: [B, ...]. The rule is linear
-    so it holds for v as for eps. scale = 1 is v_cond: the sampler then skips the null pass.
-    """
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6, scale = 1 + w), linear, so it holds
+    for v as for eps: v_uncond + scale (v_cond - v_uncond), [B, ...]; scale 1 gives v_cond."""
     return v_uncond + scale * (v_cond - v_uncond)
 
 # --- long videos: window stitching -------------------------------------------------------------
 # The UNet is trained on 64-frame clips. Longer videos (the original's sample.py) are denoised as
-# 64-frame windows every 32 frames, all in one batch, at every step; --frames is first rounded up
-# to a multiple of 32, and R = (frames - 64) / 32 + 1. Example, 192 frames -> R = 5 windows at
-# 0, 32, 64, 96, 128; the video's prediction is window 0 whole (frames 0-63), then frames 32-63
-# of windows 1..4 (video frames 64-95, 96-127, 128-159, 160-191): each overlap takes the earlier
-# window's prediction.
+# 64-frame windows every 32 frames, all in one batch, at every step: 192 frames -> R = 5 windows
+# at 0, 32, 64, 96, 128; the video's prediction is window 0 whole (frames 0-63), then frames 32-63
+# of windows 1..4 (video frames 64-95, ..., 160-191): an overlap takes the earlier window's.
 
 def round_frames(frames, multiple=32):
     """--frames rounded up to a multiple of 32, as the original's sampler does: 100 -> 128."""
@@ -272,12 +250,9 @@ def window_starts(frames, window=64, stride=32):
     return list(range(0, frames - window + 1, stride))
 
 def split_windows(x, window=64, stride=32):
-    """x [B, F, ...] -> [B*R, window, ...], batch-major (all windows of video 0, then video 1).
-
-    With frames <= window returns x itself. Conditioning per window: ef.repeat_interleave(R, 0).
-    (The original stacked window-major but repeated EF batch-major, so with batch > 1 some
-    windows got another video's EF.)
-    """
+    """x [B, F, ...] -> [B*R, window, ...] batch-major (video 0's windows, then video 1's), so
+    the EF per window is ef.repeat_interleave(R, 0) (the original stacked windows window-major
+    but repeated EFs batch-major: windows got other videos' EFs). F <= window: x itself."""
     F = x.shape[1]
     if F <= window:
         return x
@@ -301,15 +276,11 @@ def merge_windows(y, B, frames, window=64, stride=32):
 # --- the LVDM: its UNet call, its sampling loop and its training loss -----------------------------
 
 def predict(unet, x_t, cond, t, ef):
-    """The UNet's prediction as EchoNet-Synthetic calls it (train.py and sample.py alike).
-
-    x_t [B, F, C, h, w] noisy latents; cond [B, C, h, w] the conditioning frame's latent, repeated
-    over the F frames and concatenated on channels (8 input channels); t 0-dim or [B]; ef [B]
-    (EF / 100 or NULL_EF) as encoder_hidden_states [B, 1, 1]; added_time_ids zeros [B, 1] (they
-    have no effect). Sizes are replicate-padded to the next multiple of 8 and cropped back:
-    14 -> 1 px per side -> 16, as the original's pad = (8 - 14 % 8) // 2 (which would also pad a
-    16x16 input by 4 px per side; we pad multiples of 8 by nothing). Returns [B, F, C, h, w].
-    """
+    """The UNet's prediction [B, F, C, h, w] as EchoNet-Synthetic calls it: x_t [B, F, C, h, w]
+    noisy latents and cond [B, C, h, w], the conditioning frame repeated over the F frames, on
+    channels (8); t 0-dim or [B]; ef [B] (EF / 100 or NULL_EF) as encoder_hidden_states [B, 1, 1];
+    added_time_ids zeros [B, 1]. Replicate-padded to a multiple of 8 and cropped back: 14 -> 16
+    as the original's pad = (8 - 14 % 8) // 2 (which would pad 16 by 4; we pad 16 by nothing)."""
     B, Fr, C, h, w = x_t.shape
     x = torch.cat([x_t, cond[:, None].expand(B, Fr, C, h, w)], dim=2)  # [B, F, 2C, h, w]
     ph, pw = -h % 8, -w % 8
@@ -349,15 +320,12 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
 
 def lvdm_loss(unet, scheduler, x0, cond, ef, n_real, generators, ef_dropout=0.1,
               noise_offset=0.1, amp=None):
-    """The LVDM's training objective on one batch of clips (echosyn/lvdm/train.py's, with its EF
-    dropout applied and its frame mask fixed): the v-prediction MSE over the real frames.
+    """The LVDM's training objective (echosyn/lvdm/train.py's, with its EF dropout applied and
+    its frame mask fixed): the v-prediction MSE over the real frames, a 0-dim fp32 tensor.
 
-    x0 [B, F, C, h, w] clean scaled latents, zero past n_real [B] real frames per clip; cond
-    [B, C, h, w] the conditioning frame's latent; ef [B] EF / 100; generators: one per clip,
-    drawing in this order its t (uniform in [0, N)), its EF dropout (to NULL_EF with probability
-    ef_dropout) and its offset noise, so a clip's draws do not depend on the batch it is in.
-    `amp`: an autocast context for the UNet call. Returns a 0-dim fp32 tensor.
-    """
+    x0 [B, F, C, h, w] clean scaled latents, zero past n_real [B] real frames; cond [B, C, h, w];
+    ef [B] EF / 100; generators: one per clip, drawing its t (uniform in [0, N)), EF dropout and
+    offset noise in that order. `amp`: an autocast context for the UNet call."""
     N = scheduler.config["num_train_timesteps"]
     t = torch.cat([torch.randint(0, N, (1,), generator=g) for g in generators]).to(x0.device)
     ef = torch.cat([drop_ef(ef[i:i + 1], ef_dropout, g) for i, g in enumerate(generators)])
@@ -379,41 +347,20 @@ def ema_decay(step, max_decay=0.9999):
     s = max(0, step - 1)
     return 0.0 if s <= 0 else min(max_decay, (1 + s) / (10 + s))
 
-class EMA:
-    """Exponential moving average of a model's weights; `.model` is the averaged copy (fp32, eval,
-    no grad). Call update(model) after every optimizer step, with the unwrapped module."""
-
-    def __init__(self, model, max_decay=0.9999):
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
-        for p in self.model.parameters():
-            p.grad = None
-        self.max_decay, self.step = max_decay, 0
-
-    @torch.no_grad()
-    def update(self, model):
-        """shadow <- shadow - (1 - d) (shadow - param) for trained params; copies the rest."""
-        self.step += 1
-        d = ema_decay(self.step, self.max_decay)
-        pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
-        shadow = [s for s, p in pairs if p.requires_grad]
-        params = [p for s, p in pairs if p.requires_grad]
-        if shadow:  # same ops as diffusers' default (foreach=False) loop, batched
-            diff = torch._foreach_sub(shadow, params)  # shadow - param
-            torch._foreach_sub_(shadow, torch._foreach_mul(diff, 1 - d))
-        for s, p in pairs:
-            if not p.requires_grad:
-                s.copy_(p)
-        for s, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            s.copy_(b)
-
-    def state_dict(self):
-        """{"step", "max_decay", "model"}: a resumed EMA continues the same decay schedule."""
-        return {"step": self.step, "max_decay": self.max_decay, "model": self.model.state_dict()}
-
-    def load_state_dict(self, state):
-        """Restores what state_dict returned (strict key match on the weights)."""
-        self.model.load_state_dict(state["model"])
-        self.step, self.max_decay = int(state["step"]), state.get("max_decay", self.max_decay)
+@torch.no_grad()
+def ema_update(ema, model, step, max_decay=0.9999):
+    """The EMA of the weights after optimizer step `step` (1-based), in place, as diffusers'
+    EMAModel: ema <- ema - (1 - d) (ema - w) for each trained weight w, d = ema_decay(step);
+    frozen weights and buffers are copied. ema: a copy of `model` (made with
+    copy.deepcopy(model).float().eval().requires_grad_(False)); model: the unwrapped module."""
+    d = ema_decay(step, max_decay)
+    for e, w in zip(ema.parameters(), model.parameters(), strict=True):
+        if w.requires_grad:
+            e.sub_((1 - d) * (e - w))
+        else:
+            e.copy_(w)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
 
 if __name__ == "__main__":
     # Smoke test: a 192-frame video denoised in 64 DDPM steps as 5 stitched windows.

@@ -1056,7 +1056,7 @@ def shorten(keys: list, n: int = 8) -> str:
 
 # --- training checkpoints ----------------------------------------------------------------------
 # train.py writes <run>/checkpoint-<step>/ holding plain state dicts (model.pt; ema.pt, which is
-# diffusion.EMA's {"step", "max_decay", "model"}; optimizer.pt, scaler.pt, trainer.pt) and two
+# {"step", "max_decay", "model": the EMA's weights}; optimizer.pt, scaler.pt, trainer.pt) and two
 # JSON files (model_config.json as config_to_dict writes it, training_config.json). It fills a
 # temporary folder and renames it, and deletes old ones by renaming them first, so a folder under
 # its final name is complete; train.py (resume), export.py and sample.py all find them here.
@@ -1078,7 +1078,7 @@ def list_checkpoints(run: str) -> list:
     """[(step, path)] of a run folder's complete checkpoint-<step>/ folders, by step (newest
     last), not by modification time, which a copy scrambles; a folder lacking any of
     CHECKPOINT_FILES (an older version's half-deleted one) is left out."""
-    names = sorted(os.listdir(run)) if os.path.isdir(run) else []
+    names = os.listdir(run) if os.path.isdir(run) else []
     found = [(int(n[11:]), os.path.join(run, n)) for n in names
              if n.startswith("checkpoint-") and n[11:].isdigit()]
     return sorted((step, path) for step, path in found

@@ -31,46 +31,39 @@ import model
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-group = parser.add_argument_group("models and conditioning")
-group.add_argument("--unet", default="models/lvdm", help="UNet model folder, or a training run "
-                   "folder or checkpoint-<step>/ (EMA weights) (default: %(default)s, else the "
-                   "newest checkpoint of out/lvdm)")
-group.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
-group.add_argument("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt "
-                   "latents (scaled) or .jpg/.png frames, or an encoded dataset root "
-                   "(FileList.csv + Latents/: first frames of its TEST videos) "
-                   "(default: %(default)s)")
-group.add_argument("--config", help="ignored (model folders carry their config); accepted so the "
-                   "original's commands run")
-group = parser.add_argument_group("sampling")
-group.add_argument("--num_samples", type=int, default=8, help="videos (default: %(default)s)")
-group.add_argument("--num_steps", type=int, default=64, help="denoising steps (default: 64)")
-group.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
-                   help="ddpm (the original's) or deterministic ddim (default: ddpm)")
-group.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale, "
-                   "1 = off (default; the published model never saw a null EF)")
-group.add_argument("--min_lvef", type=int, default=10, help="lowest EF in %% (default: 10)")
-group.add_argument("--max_lvef", type=int, default=90, help="highest EF in %% (default: 90)")
-group.add_argument("--ef_from", default=None, help="a FileList.csv: draw EFs from its EF column "
-                   "(within min..max) instead of uniform integers")
-group.add_argument("--frames", type=int, default=192, help="frames per video at 32 fps, rounded "
-                   "up to a multiple of 32 (half the UNet's num_frames) (default: %(default)s)")
-group.add_argument("--seed", type=int, default=0, help="video i uses a generator seeded with "
-                   "(seed, i) (default: %(default)s)")
-group.add_argument("--fps", type=float, default=32, help="frame rate the UNet was trained at, "
-                   "written to the videos and FileList.csv (the original's 32) "
-                   "(default: %(default)s)")
-group = parser.add_argument_group("output")
-group.add_argument("--output", default="samples/lvdm", help="output folder (default: %(default)s)")
-group.add_argument("--save_as", default="avi,jpg", help="any of avi,mp4,gif,jpg,png (frame "
-                   "folders),pt (latents) (default: %(default)s)")
-group = parser.add_argument_group("performance")
-group.add_argument("--batch_size", type=int, default=8, help="videos per batch (default: 8)")
-group.add_argument("--decode_chunk", type=int, default=8, help="frames per VAE decode call "
-                   "(default: 8; on a CPU 2-8 ran faster than 64)")
-group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s); the UNet runs in bf16 on cuda")
-group.add_argument("--dry_run", action="store_true", help="print the resolved settings and exit")
+arg = parser.add_argument_group("models and conditioning").add_argument
+arg("--unet", default="models/lvdm", help="UNet model folder, or a training run folder or its "
+    "checkpoint-<step>/ (EMA weights) (default: %(default)s, else out/lvdm's newest checkpoint)")
+arg("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
+arg("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt latents "
+    "(scaled) or .jpg/.png frames, or an encoded dataset root (FileList.csv + Latents/: first "
+    "frames of its TEST videos) (default: %(default)s)")
+arg("--config", help="ignored (model folders carry their config): the original's commands run")
+arg = parser.add_argument_group("sampling").add_argument
+arg("--num_samples", type=int, default=8, help="videos (default: %(default)s)")
+arg("--num_steps", type=int, default=64, help="denoising steps (default: %(default)s)")
+arg("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+    help="ddpm (the original's) or deterministic ddim (default: %(default)s)")
+arg("--guidance", type=float, default=1.0, help="classifier-free guidance scale, 1 = off "
+    "(default; the published model never saw a null EF)")
+arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
+arg("--max_lvef", type=int, default=90, help="highest EF in %% (default: %(default)s)")
+arg("--ef_from", help="a FileList.csv: EFs drawn from its EF column (within min..max)")
+arg("--frames", type=int, default=192, help="frames per video, rounded up to a multiple of half "
+    "the UNet's num_frames (32) (default: %(default)s)")
+arg("--seed", type=int, default=0, help="video i's generator is seeded (seed, i) (default: 0)")
+arg("--fps", type=float, default=32, help="the UNet's training frame rate, written to the "
+    "videos and FileList.csv (default: %(default)s, the original's)")
+arg = parser.add_argument_group("output and performance").add_argument
+arg("--output", default="samples/lvdm", help="output folder (default: %(default)s)")
+arg("--save_as", default="avi,jpg", help="any of avi,mp4,gif,jpg,png (frame folders),pt "
+    "(latents) (default: %(default)s)")
+arg("--batch_size", type=int, default=8, help="videos per batch (default: %(default)s)")
+arg("--decode_chunk", type=int, default=8, help="frames per VAE decode call (default: "
+    "%(default)s; on a CPU 2-8 ran faster than 64)")
+arg("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    help="torch device (default: %(default)s); the UNet runs in bf16 on cuda")
+arg("--dry_run", action="store_true", help="print the resolved settings and exit")
 
 FORMATS = ("avi", "mp4", "gif", "jpg", "png", "pt")
 UNET, VAE = "UNetSpatioTemporalConditionModel", "AutoencoderKL"
@@ -285,7 +278,8 @@ def run(args, formats):
     unet.to(device).requires_grad_(False)
     vae.to(device).requires_grad_(False)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    for k in tqdm(range(0, len(todo), args.batch_size), unit="batch", desc="sample"):
+    bar = tqdm(total=args.num_samples, initial=args.num_samples - len(todo), unit="video")
+    for k in range(0, len(todo), args.batch_size):
         index = todo[k:k + args.batch_size]
         generators = [data.item_generator(args.seed, i) for i in index]
         efs = [draw_ef(g, args.min_lvef, args.max_lvef, real_efs) for g in generators]
@@ -298,6 +292,8 @@ def run(args, formats):
             videos = data.decode(vae, latents, args.decode_chunk)
         for i, video, z in zip(index, videos, latents):
             save(args.output, i, video, z, formats, args.fps)
+        bar.update(len(index))
+    bar.close()
 
     # FileList.csv, rebuilt from every finished video (EFs redrawn from their generators).
     efs = [(i, draw_ef(data.item_generator(args.seed, i), args.min_lvef, args.max_lvef,

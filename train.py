@@ -16,6 +16,7 @@ differences from the original: docs/train.md.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -92,6 +93,11 @@ class ConfigError(Exception):
 class TrainingError(Exception):
     """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
 
+def kebab(arg):
+    """--max_steps -> --max-steps, so that both spellings work; values are left alone."""
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value if arg.startswith("--") else arg
+
 def resolve_config(argv=None):
     """CONFIG < --config FILE < command-line flags. Returns (config, dry_run).
 
@@ -103,13 +109,15 @@ def resolve_config(argv=None):
     parser.add_argument("--config", help="JSON file of config keys")
     parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
     for key, value in CONFIG.items():
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(
-            nargs=len(value) if key == "betas" else "+", type=type(value[0])) if isinstance(
-            value, list) else dict(type=type(value), choices=CHOICES.get(key))
-        parser.add_argument("--" + key.replace("_", "-"), default=value, help=" ", **kind)
-    # --max_steps is --max-steps: flags are read in kebab case.
-    argv = [a.split("=")[0].replace("_", "-") + a[len(a.split("=")[0]):] if a[:2] == "--" else a
-            for a in map(str, sys.argv[1:] if argv is None else argv)]
+        if isinstance(value, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(value, list):  # betas: two numbers; data, preview_efs: one or more
+            kind = dict(nargs=len(value) if key == "betas" else "+", type=type(value[0]))
+        else:
+            kind = dict(type=type(value), choices=CHOICES.get(key))
+        parser.add_argument("--" + key.replace("_", "-"), default=value,
+                            help="default: %(default)s", **kind)
+    argv = [kebab(a) for a in map(str, sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     if args.config:
         try:
@@ -151,6 +159,15 @@ def setup_processes(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+def mixed_precision(cfg, device):
+    """(autocast context, grad scaler or None, precision): fp16 (the original's) with a scaler,
+    or bf16, on GPUs only; the CPU runs fp32. TF32 as configured."""
+    precision = cfg["precision"] if device.type == "cuda" else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
+    return amp, torch.amp.GradScaler("cuda") if precision == "fp16" else None, precision
+
 def split_batch(G, per_gpu, world):
     """(micro-batch, accumulation steps): G = processes x accumulation x micro-batch, the
     micro-batch the largest divisor of G / processes <= per_gpu (128 = 8 x 1 x 16, the paper)."""
@@ -186,24 +203,30 @@ def global_batches(dataset, cfg, rank, world, micro, step, pin_memory):
         step = (epoch + 1) * steps
 
 def build_model(cfg, device):
-    """The network to train, from its model.py preset, in train mode; seeded, so every process
-    starts from the same weights."""
+    """(network, its EMA, optimizer, trained parameters): the network from its model.py preset,
+    in train mode, seeded (every process starts from the same weights); the EMA an fp32 copy;
+    AdamW (fused on CUDA) over the trained parameters."""
     presets = model.UNET_PRESETS if cfg["model"] == "unet" else model.VAE_PRESETS
     if cfg["preset"] not in presets:
         raise ConfigError(f"preset {cfg['preset']!r} is not a {cfg['model']} preset; use one of "
                           f"{sorted(presets)} (model.py)")
     torch.manual_seed(cfg["seed"])
     if cfg["model"] == "vae":
-        return model.AutoencoderKL(presets[cfg["preset"]]).to(device).train()
-    # num_frames records the clip length: sample.py's window (the forward pass ignores it).
-    net = model.UNetSpatioTemporal(dataclasses.replace(presets[cfg["preset"]],
-                                                       num_frames=cfg["frames"]))
-    # One-token cross-attention (the EF) leaves norm2, to_q, to_k without a gradient: frozen,
-    # left out of the optimizer, so DDP needs no unused-parameter search. Kept in the weights.
-    for p in net.unused_with_one_token():
-        p.requires_grad_(False)
-    net.set_gradient_checkpointing(cfg["grad_checkpointing"])
-    return net.to(device).train()
+        net = model.AutoencoderKL(presets[cfg["preset"]])
+    else:  # num_frames records the clip length: sample.py's window (the forward ignores it)
+        net = model.UNetSpatioTemporal(dataclasses.replace(presets[cfg["preset"]],
+                                                           num_frames=cfg["frames"]))
+        # One-token cross-attention (the EF) leaves norm2, to_q, to_k without a gradient:
+        # frozen, left out of the optimizer, so DDP needs no unused-parameter search.
+        for p in net.unused_with_one_token():
+            p.requires_grad_(False)
+        net.set_gradient_checkpointing(cfg["grad_checkpointing"])
+    net.to(device).train()
+    ema = copy.deepcopy(net).float().eval().requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
+                            weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
+    return net, ema, opt, params
 
 def vae_loss(vae, x, gens, cfg, amp):
     """Reconstruction + KL of one micro-batch of frames x [B, 3, H, W] (fp32, 0-dim)."""
@@ -244,7 +267,7 @@ def resume(cfg, net, ema, opt, scaler, log):
              for k in ("model", "ema", "optimizer", "scaler", "trainer")}
     try:
         net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        ema.load_state_dict(state["ema"]["model"])
         opt.load_state_dict(state["optimizer"])
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -285,8 +308,9 @@ def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
     tmp, final = (os.path.join(cfg["out"], f"{p}checkpoint-{step}") for p in (".tmp-", ""))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    files = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "scaler": scaler.state_dict() if scaler else {}, "trainer": state}
+    files = {"model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
+             "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
+             "scaler": scaler.state_dict() if scaler else {}}
     for name, value in files.items():
         torch.save(value, os.path.join(tmp, name + ".pt"))
     # Not config.json: the folder is no diffusers model folder (export.py makes one).
@@ -369,28 +393,17 @@ def make_preview(cfg, train_set, device, amp):
 
 def train(cfg):
     """The whole run, on every process."""
-    # Processes, batch arithmetic, mixed precision on GPUs only: fp16 (the original's) with a
-    # grad scaler, or bf16; TF32.
+    # Setup: processes, batch arithmetic, precision, data, model, resume, run folder, previews.
     device, rank, world = setup_processes(cfg)
     ddp, master, out, G = dist.is_initialized(), rank == 0, cfg["out"], cfg["batch_size"]
     log = print if master else (lambda *a, **k: None)
     micro, accum = split_batch(G, cfg["batch_per_gpu"], world)
-    precision = cfg["precision"] if device.type == "cuda" else "fp32"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
-
-    # Data, model, EMA, optimizer, resume, run folder, previews.
+    amp, scaler, precision = mixed_precision(cfg, device)
     train_set = make_dataset(cfg, "TRAIN")
     if len(train_set) < G:
         raise data.DataError(f"{len(train_set)} training items in {', '.join(cfg['data'])}: "
                              f"fewer than one global batch ({G})")
-    net = build_model(cfg, device)
-    ema = diffusion.EMA(net, cfg["ema_decay"])
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
-                            weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
+    net, ema, opt, params = build_model(cfg, device)
     step = resume(cfg, net, ema, opt, scaler, log)
     if master:
         prepare_run_folder(cfg, step)
@@ -468,8 +481,8 @@ def train(cfg):
             opt.zero_grad(set_to_none=True)
 
             # Update EMA.
-            ema.update(net)
             step += 1
+            diffusion.ema_update(ema, net, step, cfg["ema_decay"])
 
             # Log: loss and grad norm averaged over processes and steps, lr, clips per second.
             since.append((loss, grad_norm))
@@ -495,7 +508,7 @@ def train(cfg):
                 if ddp:
                     dist.barrier()
             if preview and step % cfg["preview_every"] == 0:
-                preview(ema.model, os.path.join(out, "previews", f"step-{step}"))
+                preview(ema, os.path.join(out, "previews", f"step-{step}"))
             t0 += time.time() - pause
     log(f"done: {step} steps in {out}")
 

@@ -15,6 +15,7 @@ EchoNet-Dynamic's ~2.4 s videos) through LatentVideoDataset and train.py's globa
 """
 
 import argparse
+import copy
 import csv
 import os
 import statistics
@@ -91,7 +92,7 @@ def make_step(net, args, device, amp):
     """One training step of train.py on a fixed random batch; returns a function -> seconds."""
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    ema = diffusion.EMA(net)
+    ema = copy.deepcopy(net).float().eval().requires_grad_(False)
     scheduler = diffusion.DDPM()
     B = args.batch
     x0, cond = torch.randn(B, args.frames, 4, 14, 14, device=device), torch.randn(B, 4, 14, 14,
@@ -109,9 +110,9 @@ def make_step(net, args, device, amp):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(net)
-        sync()
         state["step"] += 1
+        diffusion.ema_update(ema, net, state["step"])
+        sync()
         return time.perf_counter() - tic
 
     return step

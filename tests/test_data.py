@@ -81,6 +81,8 @@ def test_read_filelist_maps_pediatric_folds_and_probes_videos(tmp_path):
     assert rows[0]["FPS"] == 30.0 and rows[0]["NumberOfFrames"] == 12
     assert rows[0]["FrameHeight"] == rows[0]["FrameWidth"] == 112 and rows[0]["Sex"] == "F"
     data.write_filelist(str(tmp_path / "FileList.csv"), rows)        # normalised, then re-read
+    text = (tmp_path / "FileList.csv").read_bytes().decode()
+    assert "\r" not in text and text.splitlines()[1].split(",")[6] == "30"  # LF, FPS 30 (pandas')
     again = data.read_filelist(str(tmp_path), probe=False)
     assert [r["Split"] for r in again] == ["TRAIN", "TRAIN", "VAL", "TEST"]
     assert [r["Fold"] for r in again] == folds and again[2]["NumberOfFrames"] == 12

@@ -1,6 +1,7 @@
 """Tests for diffusion.py: parity with diffusers' DDPM/DDIM schedulers and EMAModel (the
 reference, skipped when diffusers is missing), v-prediction algebra, stitching, training helpers."""
 
+import copy
 import io
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import diffusion
-from diffusion import DDIM, DDPM, EMA, NULL_EF
+from diffusion import DDIM, DDPM, NULL_EF
 
 try:
     import diffusers
@@ -326,36 +327,40 @@ def test_ema_decay_schedule_values():
     ]  # fmt: skip
 
 
+def ema_copy(model):
+    """The EMA as train.py starts it: an exact fp32 copy, in eval mode, without gradients."""
+    return copy.deepcopy(model).float().eval().requires_grad_(False)
+
+
 @needs_diffusers
 def test_ema_equals_diffusers_emamodel():
     """EMA weights equal diffusers' EMAModel shadow params after every one of 15 steps."""
     model, g = small_model(), gens(0)
-    ema, ref = EMA(model), EMAModel(model.parameters())
-    assert all(not p.requires_grad for p in ema.model.parameters()) and not ema.model.training
-    for _ in range(15):
+    ema, ref = ema_copy(model), EMAModel(model.parameters())
+    for step in range(1, 16):
         fake_optimizer_step(model, g)
-        ema.update(model), ref.step(model.parameters())
-        for ours, theirs in zip(ema.model.parameters(), ref.shadow_params):
+        diffusion.ema_update(ema, model, step), ref.step(model.parameters())
+        for ours, theirs in zip(ema.parameters(), ref.shadow_params):
             assert torch.equal(ours, theirs)
-    assert torch.equal(ema.model[1].running_mean, model[1].running_mean)  # buffers copied
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)  # buffers copied
+    assert torch.equal(ema[2].bias, model[2].bias)  # a frozen parameter is copied
 
 
 def test_ema_state_dict_resume_continues_identically():
-    """An EMA restored from state_dict continues the same decay schedule and weights."""
+    """An EMA restored from its state dict continues with the same weights at the same step."""
     model, g = small_model(), gens(0)
-    ema = EMA(model)
-    for _ in range(5):
-        fake_optimizer_step(model, g), ema.update(model)
+    ema = ema_copy(model)
+    for step in range(1, 6):
+        fake_optimizer_step(model, g), diffusion.ema_update(ema, model, step)
     buffer = io.BytesIO()
     torch.save(ema.state_dict(), buffer)
     buffer.seek(0)
-    resumed = EMA(small_model())
+    resumed = ema_copy(small_model())
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    assert resumed.step == 5
-    for _ in range(5):
+    for step in range(6, 11):
         fake_optimizer_step(model, g)
-        ema.update(model), resumed.update(model)
-    for a, b in zip(ema.model.state_dict().values(), resumed.model.state_dict().values()):
+        diffusion.ema_update(ema, model, step), diffusion.ema_update(resumed, model, step)
+    for a, b in zip(ema.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
 

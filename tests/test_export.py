@@ -2,6 +2,7 @@
 state dicts) -> model folders that model.load_model, sample.py and diffusers load; which
 checkpoint of a run folder is the newest (model.list_checkpoints)."""
 
+import copy
 import json
 import os
 import shutil
@@ -17,21 +18,22 @@ import sample
 
 
 def make_checkpoint(root, step, kind="unet", training_config=None, model_config=True):
-    """A checkpoint-<step>/ as train.py writes it: model.pt, ema.pt (diffusion.EMA's state),
-    optimizer.pt, scaler.pt, trainer.pt, training_config.json and model_config.json
+    """A checkpoint-<step>/ as train.py writes it: model.pt, ema.pt ({"step", "max_decay",
+    "model"}), optimizer.pt, scaler.pt, trainer.pt, training_config.json and model_config.json
     (model.config_to_dict). The EMA differs from the model. Returns (folder, EMA model)."""
     torch.manual_seed(step)
     net = (model.UNetSpatioTemporal(model.UNET_PRESETS["tiny"]) if kind == "unet"
            else model.AutoencoderKL(model.VAE_PRESETS["tiny"]))
-    ema = diffusion.EMA(net)
+    ema = copy.deepcopy(net).float().eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ema.update(net), ema.update(net)  # decay 0, then 0.18: EMA != model
+    diffusion.ema_update(ema, net, 1), diffusion.ema_update(ema, net, 2)  # decay 0.18: != net
     folder = root / f"checkpoint-{step}"
     os.makedirs(folder)
-    files = {"model.pt": net.state_dict(), "ema.pt": ema.state_dict(),
+    files = {"model.pt": net.state_dict(),
+             "ema.pt": {"step": 2, "max_decay": 0.9999, "model": ema.state_dict()},
              "optimizer.pt": optimizer.state_dict(), "scaler.pt": {},
              "trainer.pt": {"step": step, "epoch": 0, "batch": step, "world_size": 1},
              "training_config.json": training_config or {"model": kind, "preset": "tiny",
@@ -43,7 +45,7 @@ def make_checkpoint(root, step, kind="unet", training_config=None, model_config=
         elif value is not None:
             with open(folder / name, "w") as f:
                 json.dump(value, f)
-    return folder, ema.model
+    return folder, ema
 
 
 def same_weights(a, b):

@@ -205,10 +205,7 @@ def test_tiny_config_overfits_one_batch():
     EF, one padded clip): the loss falls more than 10x in 25 steps. Objective, conditioning and
     masking are wired so that the target is learnable."""
     cfg, _ = train.resolve_config(["--config", TINY])
-    net = train.build_model(cfg, "cpu")  # one-token attention parameters frozen, as in training
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=cfg["betas"], eps=cfg["adam_eps"],
-                            weight_decay=cfg["weight_decay"])
+    net, _, opt, params = train.build_model(cfg, torch.device("cpu"))  # as train.py builds it
     g = torch.Generator().manual_seed(0)
     x0, cond = torch.randn(2, 8, 4, 14, 14, generator=g), torch.randn(2, 4, 14, 14, generator=g)
     x0[1, 5:] = 0  # zero padding, as the dataset pads
@@ -278,6 +275,30 @@ def test_resume_matches_straight_run(tmp_path):
     assert config["max_steps"] == 4 and config["preset"] == "tiny"
     assert json.load(open(b / "checkpoint-4" / "model_config.json"))["_class_name"] == (
         "UNetSpatioTemporalConditionModel")
+
+
+def test_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """An old checkpoint is renamed before it is deleted: a crash during the deletion leaves a
+    .tmp- folder (removed at the next start), never a checkpoint-<step> missing files."""
+    cfg, _ = train.resolve_config(["--config", TINY, "--out", tmp_path, "--keep", 1])
+    net, ema, opt, _ = train.build_model(cfg, torch.device("cpu"))
+    train.save_checkpoint(cfg, 1, net, ema, opt, None, {"step": 1})
+    rmtree = train.shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if "removed" not in str(path):
+            return rmtree(path, *args, **kwargs)
+        os.remove(os.path.join(path, "ema.pt"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(cfg, 2, net, ema, opt, None, {"step": 2})
+    assert sorted(os.listdir(tmp_path)) == [".tmp-removed-checkpoint-1", "checkpoint-2"]
+    assert model.list_checkpoints(str(tmp_path)) == [(2, str(tmp_path / "checkpoint-2"))]
+    monkeypatch.setattr(train.shutil, "rmtree", rmtree)
+    train.prepare_run_folder(cfg, 2)  # the next start
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "config.json", "previews"]
 
 
 def test_torchrun_two_processes_match_one_process_and_resume(tmp_path):
