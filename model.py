@@ -1092,8 +1092,8 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
     if not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):  # a run folder
         found = list_checkpoints(path)
         if not found:
-            raise ModelLoadError(f"{path}: no complete checkpoint-<step>/ folder in it (a "
-                                 "training run folder or one of its checkpoints expected)")
+            raise ModelLoadError(f"{path}: no complete checkpoint-<step>/ folder in it (train "
+                                 "first, or name a training run folder or one of its checkpoints)")
         path = found[-1][1]
     missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
