@@ -7,12 +7,12 @@ on one process or many (torchrun + DDP), without diffusers or Accelerate.
     python train.py --config configs/vae_phantom.json                  # the demo's VAE
     python train.py --config configs/lvdm.json --lr 2e-4 --dry-run     # print the resolved config
 
-Every key of CONFIG below is a flag (--max-steps, or --max_steps); flags override the --config
-file, which overrides CONFIG (the paper run). The run folder (--out) holds config.json,
-log.jsonl, previews/ and checkpoint-<step>/; the same command again resumes from the newest
-checkpoint. Follows EchoNet-Synthetic's echosyn/lvdm/train.py (reference/echonet-synthetic.md,
-"Training") with nanoGPT's and DiT's DDP loop; the objective is diffusion.lvdm_loss; the
-differences from the original: docs/train.md.
+Every key of CONFIG below is a flag (--max-steps, or --max_steps; --help lists them); flags
+override the --config file, which overrides CONFIG (the paper run). The run folder (--out)
+holds config.json, log.jsonl, previews/ and checkpoint-<step>/; the same command again resumes
+from the newest checkpoint. Follows EchoNet-Synthetic's echosyn/lvdm/train.py
+(reference/echonet-synthetic.md, "Training") with nanoGPT's and DiT's DDP loop; the objective
+is diffusion.lvdm_loss; the differences from the original: docs/train.md.
 """
 
 import argparse
@@ -39,48 +39,49 @@ import model
 
 # --- config: the paper run (EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml) ---------------
 
-CONFIG = dict(
+CONFIG = dict(  # key=(default, what it is)
     # main
-    model="unet",              # what to train: the LVDM's UNet, or "vae" (the phantom demo's VAE)
-    preset="lvdm",             # model.py preset (UNet lvdm/small/phantom/tiny, VAE echonet/...)
-    data=["data/latents/dynamic", "data/latents/ped_a4c", "data/latents/ped_psax"],  # the roots
-    vae="models/vae",          # VAE folder decoding the previews (none: latent channels 0-2)
-    out="out/lvdm",            # run folder (export.py and sample.py look here by default)
-    resume="latest",           # latest complete checkpoint in out (if any), none, or a folder
-    frames=64,                 # frames per training clip
-    fps=32.0,                  # clips are resampled to this frame rate
+    model=("unet", "what to train: the LVDM's UNet, or 'vae' (the phantom demo's VAE)"),
+    preset=("lvdm", "model.py preset (UNet lvdm/small/phantom/tiny, VAE echonet/...)"),
+    data=(["data/latents/dynamic", "data/latents/ped_a4c", "data/latents/ped_psax"],
+          "data roots, concatenated: FileList.csv + Latents/ (the VAE: + Videos/)"),
+    vae=("models/vae", "VAE folder decoding the previews (none: latent channels 0-2)"),
+    out=("out/lvdm", "run folder (export.py and sample.py look here by default)"),
+    resume=("latest", "latest complete checkpoint in out (if any), none, or a folder"),
+    frames=(64, "frames per training clip"),
+    fps=(32.0, "clips are resampled to this frame rate"),
     # hyperparameters
-    batch_size=128,            # global batch: clips per optimizer step, all processes together
-    batch_per_gpu=16,          # most clips per process per forward pass (fewer: accumulation)
-    max_steps=500_000,         # optimizer steps
-    lr=1e-4,                   # AdamW learning rate, constant after the warm-up
-    warmup=500,                # update k (from 1) uses lr * min(1, k / warmup)
-    betas=[0.9, 0.999],        # AdamW betas
-    weight_decay=1e-2,         # AdamW weight decay
-    adam_eps=1e-8,             # AdamW epsilon
-    grad_clip=1.0,             # max gradient norm
-    ema_decay=0.9999,          # EMA decay cap (diffusers' EMAModel warm-up below it)
-    noise_offset=0.1,          # offset noise strength (Guttenberg 2023)
-    ef_dropout=0.1,            # share of clips trained with NULL_EF, for guidance (applied here)
-    recon_loss="l1",           # VAE: reconstruction loss, l1 or mse
-    kl_weight=1e-6,            # VAE: KL weight (latent diffusion's KL-reg)
-    seed=42,                   # seeds the weights, data order and noise
+    batch_size=(128, "global batch: clips per optimizer step, all processes together"),
+    batch_per_gpu=(16, "most clips per process per forward pass (fewer: accumulation)"),
+    max_steps=(500_000, "optimizer steps"),
+    lr=(1e-4, "AdamW learning rate, constant after the warm-up"),
+    warmup=(500, "update k (from 1) uses lr * min(1, k / warmup)"),
+    betas=([0.9, 0.999], "AdamW betas"),
+    weight_decay=(1e-2, "AdamW weight decay"),
+    adam_eps=(1e-8, "AdamW epsilon"),
+    grad_clip=(1.0, "max gradient norm"),
+    ema_decay=(0.9999, "EMA decay cap (diffusers' EMAModel warm-up below it)"),
+    noise_offset=(0.1, "offset noise strength (Guttenberg 2023)"),
+    ef_dropout=(0.1, "share of clips trained with NULL_EF, for guidance (applied here)"),
+    recon_loss=("l1", "VAE: reconstruction loss, l1 or mse"),
+    kl_weight=(1e-6, "VAE: KL weight (latent diffusion's KL-reg)"),
+    seed=(42, "seeds the weights, data order and noise"),
     # performance
-    device="auto",             # auto (cuda:LOCAL_RANK if there is a GPU), cpu, cuda
-    precision="fp16",          # GPU autocast: fp16 + grad scaler (original), bf16, fp32; CPU: fp32
-    tf32=True,                 # TF32 matmuls (--no-tf32 to turn off)
-    compile=False,             # torch.compile the network
-    grad_checkpointing=False,  # recompute UNet blocks in the backward pass to save memory
-    workers=16,                # DataLoader workers per process
+    device=("auto", "auto (cuda:LOCAL_RANK if there is a GPU), cpu, cuda"),
+    precision=("fp16", "GPU autocast: fp16 + grad scaler (original), bf16, fp32; CPU: fp32"),
+    tf32=(True, "TF32 matmuls (--no-tf32 to turn off)"),
+    compile=(False, "torch.compile the network"),
+    grad_checkpointing=(False, "recompute UNet blocks in the backward pass to save memory"),
+    workers=(16, "DataLoader workers per process"),
     # output
-    checkpoint_every=10_000,   # steps between checkpoints
-    keep=100,                  # checkpoints kept (the oldest deleted)
-    preview_every=1500,        # steps between previews (0: none)
-    preview_efs=[0.0, 40.0, 70.0, 100.0],  # EFs (%) of the preview videos
-    preview_sampler="ddpm",    # ddpm (the original's) or ddim
-    preview_steps=128,         # preview sampling steps
-    preview_guidance=1.0,      # classifier-free guidance scale of the previews (1: none)
-    log_every=10,              # steps between log.jsonl lines
+    checkpoint_every=(10_000, "steps between checkpoints"),
+    keep=(100, "checkpoints kept (the oldest deleted)"),
+    preview_every=(1500, "steps between previews (0: none)"),
+    preview_efs=([0.0, 40.0, 70.0, 100.0], "EFs of the preview videos, in percent"),
+    preview_sampler=("ddpm", "ddpm (the original's) or ddim"),
+    preview_steps=(128, "preview sampling steps"),
+    preview_guidance=(1.0, "classifier-free guidance scale of the previews (1: none)"),
+    log_every=(10, "steps between log.jsonl lines"),
 )
 CHOICES = dict(model=["unet", "vae"], precision=["fp32", "bf16", "fp16"],
                preview_sampler=["ddpm", "ddim"], recon_loss=["l1", "mse"])
@@ -108,7 +109,7 @@ def resolve_config(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file of config keys")
     parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
-    for key, value in CONFIG.items():
+    for key, (value, text) in CONFIG.items():
         if isinstance(value, bool):
             kind = dict(action=argparse.BooleanOptionalAction)
         elif isinstance(value, list):  # betas: two numbers; data, preview_efs: one or more
@@ -116,7 +117,7 @@ def resolve_config(argv=None):
         else:
             kind = dict(type=type(value), choices=CHOICES.get(key))
         parser.add_argument("--" + key.replace("_", "-"), default=value,
-                            help="default: %(default)s", **kind)
+                            help=text + " (default: %(default)s)", **kind)
     argv = [kebab(a) for a in map(str, sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     if args.config:
