@@ -362,14 +362,10 @@ def ema_update(ema, model, step, max_decay=0.9999):
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
-if __name__ == "__main__":
-    # Smoke test: a 192-frame video denoised in 64 DDPM steps as 5 stitched windows.
+if __name__ == "__main__":  # smoke test: 192 frames, 64 DDPM steps, 5 windows, tanh for a UNet
     scheduler, g = DDPM(), torch.Generator().manual_seed(0)
     scheduler.set_timesteps(64)
     x = randn((2, 192, 4, 14, 14), g)  # [B, F, C, H, W]
     for t in scheduler.timesteps:
-        windows = split_windows(x)  # [B*R, 64, C, H, W]
-        v = merge_windows(torch.tanh(windows), B=2, frames=192)  # a stand-in for the UNet
-        x = scheduler.step(v, t, x, generator=g)
-    print("timesteps", scheduler.timesteps[:3].tolist(), "...", scheduler.timesteps[-2:].tolist())
+        x = scheduler.step(merge_windows(torch.tanh(split_windows(x)), 2, 192), t, x, generator=g)
     print("windows start at", window_starts(192), "-> sample", tuple(x.shape))

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -1055,9 +1056,9 @@ def shorten(keys: list, n: int = 8) -> str:
 
 
 # --- training checkpoints ----------------------------------------------------------------------
-# train.py writes <run>/checkpoint-<step>/ holding plain state dicts (model.pt; ema.pt, which is
-# {"step", "max_decay", "model": the EMA's weights}; optimizer.pt, scaler.pt, trainer.pt) and two
-# JSON files (model_config.json as config_to_dict writes it, training_config.json). It fills a
+# train.py's <run>/checkpoint-<step>/ holds plain state dicts (model.pt; ema.pt, which is {"step",
+# "max_decay", "model": the EMA's weights}; optimizer.pt, scaler.pt, trainer.pt) and two JSON files
+# (model_config.json as config_to_dict writes it, training_config.json). save_checkpoint fills a
 # temporary folder and renames it, and deletes old ones by renaming them first, so a folder under
 # its final name is complete; train.py (resume), export.py and sample.py all find them here.
 
@@ -1072,6 +1073,34 @@ def torch_load(path: str, **kw):
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
         raise ModelLoadError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+
+
+def remove_folder(path: str):
+    """Deletes a folder after renaming it to .tmp-removed-<name>: a crash meanwhile never leaves
+    a half-deleted folder under its real name (train.py deletes .tmp-* folders when it starts)."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-removed-" + os.path.basename(path))
+    os.replace(path, tmp)
+    shutil.rmtree(tmp)
+
+
+def save_checkpoint(run: str, step: int, files: dict, keep: int):
+    """Writes <run>/checkpoint-<step>/ from files {"model": state dict, ..., "model_config": dict,
+    ...}: a name ending in _config as .json, others as .pt; then deletes all but the newest `keep`.
+    Filled under .tmp-checkpoint-<step> and renamed at the end: a checkpoint-<step> is complete."""
+    tmp, final = (os.path.join(run, f"{p}checkpoint-{step}") for p in (".tmp-", ""))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, value in files.items():
+        if name.endswith("_config"):
+            with open(os.path.join(tmp, name + ".json"), "w") as f:
+                json.dump(value, f, indent=2)
+        else:
+            torch.save(value, os.path.join(tmp, name + ".pt"))
+    if os.path.exists(final):  # only when the same step is saved again
+        remove_folder(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(run)[:-keep]:
+        remove_folder(old)
 
 
 def list_checkpoints(run: str) -> list:

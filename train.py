@@ -94,17 +94,32 @@ class ConfigError(Exception):
 class TrainingError(Exception):
     """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
 
-def kebab(arg):
-    """--max_steps -> --max-steps, so that both spellings work; values are left alone."""
+def flag(arg):
+    """max_steps or --max_steps -> --max-steps (both spellings work); a value is left alone."""
     name, eq, value = arg.partition("=")
-    return name.replace("_", "-") + eq + value if arg.startswith("--") else arg
+    return "--" + name.lstrip("-").replace("_", "-") + eq + value
+
+def file_flags(path):
+    """A --config file's keys as command-line tokens: {"lr": 2e-4, "tf32": false, "data": [a, b]}
+    -> --lr 0.0002 --no-tf32 --data a b, so that argparse checks them as it checks flags."""
+    try:
+        with open(path) as f:
+            given = [(k, v) for k, v in json.load(f).items() if not k.startswith("_")]  # notes
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a JSON object of config keys ({e})") from None
+    for key in [k for k, _ in given if flag(k)[2:].replace("-", "_") not in CONFIG]:
+        raise ConfigError(f"{path}: unknown config key {key!r} (CONFIG in train.py lists them)")
+    tokens = []
+    for key, value in given:
+        if isinstance(value, bool):
+            tokens.append(flag(key) if value else "--no-" + flag(key)[2:])
+        else:
+            tokens += [flag(key), *map(str, value if isinstance(value, list) else [value])]
+    return tokens
 
 def resolve_config(argv=None):
-    """CONFIG < --config FILE < command-line flags. Returns (config, dry_run).
-
-    The file's keys become flags put before the command line's, so argparse checks their types
-    and choices and a flag also given on the command line wins (the last occurrence counts).
-    """
+    """CONFIG < --config FILE < command-line flags; returns (config, dry_run). The file's tokens
+    go before the command line's: a flag given in both takes the command line's value."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file of config keys")
@@ -116,28 +131,12 @@ def resolve_config(argv=None):
             kind = dict(nargs=len(value) if key == "betas" else "+", type=type(value[0]))
         else:
             kind = dict(type=type(value), choices=CHOICES.get(key))
-        parser.add_argument("--" + key.replace("_", "-"), default=value,
-                            help=text + " (default: %(default)s)", **kind)
-    argv = [kebab(a) for a in map(str, sys.argv[1:] if argv is None else argv)]
+        parser.add_argument(flag(key), default=value, help=f"{text} (default: %(default)s)", **kind)
+    argv = [flag(a) if a.startswith("--") else a
+            for a in map(str, sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     if args.config:
-        try:
-            with open(args.config) as f:
-                given = {k.replace("-", "_"): v for k, v in json.load(f).items()}
-        except (OSError, ValueError, AttributeError) as e:
-            raise ConfigError(f"{args.config}: not a JSON object of config keys ({e})") from None
-        unknown = [k for k in given if k not in CONFIG and not k.startswith("_")]  # _comment
-        if unknown:
-            raise ConfigError(f"{args.config}: unknown config key {unknown[0]!r} (CONFIG in "
-                              "train.py lists them)")
-        tokens = []
-        for key, value in [(k, v) for k, v in given.items() if k in CONFIG]:
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                tokens.append(flag if value else "--no-" + flag[2:])
-            else:
-                tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
-        args = parser.parse_args(tokens + argv)
+        args = parser.parse_args(file_flags(args.config) + argv)
     cfg = {k: getattr(args, k) for k in CONFIG}
     cfg["vae"] = None if str(cfg["vae"]).lower() in ("", "none", "null") else cfg["vae"]
     for key in [k for k, least in AT_LEAST.items() if cfg[k] < least]:
@@ -146,7 +145,7 @@ def resolve_config(argv=None):
         raise ConfigError(f"ef_dropout must be in [0, 1], got {cfg['ef_dropout']}")
     return cfg, args.dry_run
 
-# --- setup: processes, data, model, resume, run folder ------------------------------------------
+# --- setup: processes, data, model and its loss -------------------------------------------------
 
 def setup_processes(cfg):
     """(device, rank, world size). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and each
@@ -229,10 +228,20 @@ def build_model(cfg, device):
                             weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
     return net, ema, opt, params
 
-def vae_loss(vae, x, gens, cfg, amp):
-    """Reconstruction + KL of one micro-batch of frames x [B, 3, H, W] (fp32, 0-dim)."""
+def frames_in(batch):
+    """The frames a micro-batch's loss is a mean over: an LVDM batch's real ones, VAE frames."""
+    return int(batch["n_real"].sum()) if isinstance(batch, dict) else len(batch)
+
+def loss_of(net, batch, generators, cfg, amp, device):
+    """A micro-batch's loss, a 0-dim fp32 mean over its frames_in(batch); one generator per item.
+    LVDM: diffusion.lvdm_loss. VAE: reconstruction + KL of frames [B, 3, H, W]."""
+    if cfg["model"] == "unet":
+        x0, cond, ef, n_real = (batch[k].to(device) for k in ("latents", "cond", "ef", "n_real"))
+        return diffusion.lvdm_loss(net, diffusion.DDPM(), x0, cond, ef, n_real, generators,
+                                   cfg["ef_dropout"], cfg["noise_offset"], amp)
+    x = batch.to(device)
     with amp:
-        recon, posterior = vae(x, sample_posterior=True, generator=gens)
+        recon, posterior = net(x, sample_posterior=True, generator=generators)
     err = recon.float() - x
     rec = err.abs().mean() if cfg["recon_loss"] == "l1" else err.square().mean()
     # Latent diffusion's balance, sum |x - x_rec| + kl_weight * KL per image, divided by the
@@ -240,23 +249,12 @@ def vae_loss(vae, x, gens, cfg, amp):
     kl = model.DiagonalGaussian(posterior.moments.float()).kl()  # [B]
     return rec + cfg["kl_weight"] * kl.mean() / x[0].numel()
 
-def objective(cfg, amp, device):
-    """What the loop minimises, picked once: loss(net, micro_batch, generators) -> a 0-dim fp32
-    mean, and count(micro_batch) -> the frames that mean is over (LVDM: the real ones)."""
-    if cfg["model"] == "vae":
-        return (lambda net, x, gens: vae_loss(net, x.to(device), gens, cfg, amp)), len
-    scheduler = diffusion.DDPM()  # the training schedule: 1000 steps, linear betas, v-prediction
-
-    def loss(net, batch, gens):
-        x0, cond, ef, n_real = (batch[k].to(device) for k in ("latents", "cond", "ef", "n_real"))
-        return diffusion.lvdm_loss(net, scheduler, x0, cond, ef, n_real, gens,
-                                   cfg["ef_dropout"], cfg["noise_offset"], amp)
-    return loss, lambda batch: int(batch["n_real"].sum())
+# --- the run folder: resume, log, checkpoints ---------------------------------------------------
 
 def resume(cfg, net, ema, opt, scaler, log):
     """The step to start from: 0, or that of the checkpoint --resume names (latest: the run
-    folder's newest complete one, if any) once its model, EMA, optimizer and scaler are loaded.
-    The data position follows from the step: epoch, batch = divmod(step, steps per epoch)."""
+    folder's newest complete one, model.list_checkpoints) once its model, EMA, optimizer and
+    scaler are loaded. The data position follows: epoch, batch = divmod(step, steps per epoch)."""
     path = cfg["resume"]
     if path == "latest":
         path = (model.list_checkpoints(cfg["out"]) or [(0, "none")])[-1][1]
@@ -296,33 +294,15 @@ def prepare_run_folder(cfg, step):
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
-def remove(path):
-    """Deletes a folder after renaming it to .tmp-removed-<name>: a crash meanwhile never leaves
-    a half-deleted folder under its real name."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-removed-" + os.path.basename(path))
-    os.replace(path, tmp)
-    shutil.rmtree(tmp)
-
 def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
-    """Writes <out>/checkpoint-<step>/ (model.CHECKPOINT_FILES) in a temporary folder renamed at
-    the end, then deletes all but the newest `keep`: a checkpoint-<step> folder is complete."""
-    tmp, final = (os.path.join(cfg["out"], f"{p}checkpoint-{step}") for p in (".tmp-", ""))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    files = {"model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
-             "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
-             "scaler": scaler.state_dict() if scaler else {}}
-    for name, value in files.items():
-        torch.save(value, os.path.join(tmp, name + ".pt"))
-    # Not config.json: the folder is no diffusers model folder (export.py makes one).
-    for name, value in [("training", cfg), ("model", model.config_to_dict(net))]:
-        with open(os.path.join(tmp, f"{name}_config.json"), "w") as f:
-            json.dump(value, f, indent=2)
-    if os.path.exists(final):  # only when the same step is saved again
-        remove(final)
-    os.replace(tmp, final)
-    for _, old in model.list_checkpoints(cfg["out"])[:-cfg["keep"]]:
-        remove(old)
+    """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept). Its JSON
+    files are model_config.json and training_config.json, not config.json: the folder is no
+    diffusers model folder (export.py makes one)."""
+    model.save_checkpoint(cfg["out"], step, {
+        "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
+        "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
+        "scaler": scaler.state_dict() if scaler else {}, "training_config": cfg,
+        "model_config": model.config_to_dict(net)}, cfg["keep"])
 
 # --- previews ------------------------------------------------------------------------------------
 
@@ -334,49 +314,21 @@ def latent_pixels(z, vae):
     x = F.interpolate(z.flatten(0, -4)[:, :3].float() / 2, scale_factor=8, mode="nearest")
     return data.to_pixels(x.unflatten(0, z.shape[:-3]))
 
-def with_header(image, labels):
-    """uint8 [H, n * w, 3] -> [H + 12, n * w, 3] with one label above each w-wide column."""
-    head = Image.new("RGB", (image.shape[1], 12))
+def save_preview(path, strip, labels, fps):
+    """A preview strip uint8 [F, H, n * w, 3] under a 12 px header naming its n columns, as
+    path.gif (all F frames) and path.png (8 of them, top to bottom)."""
+    head = Image.new("RGB", (strip.shape[2], 12))
     for i, text in enumerate(labels):
-        ImageDraw.Draw(head).text((i * image.shape[1] // len(labels) + 2, 0), text, fill="yellow")
-    return np.concatenate([np.asarray(head), image])
+        ImageDraw.Draw(head).text((i * strip.shape[2] // len(labels) + 2, 0), text, fill="yellow")
+    head = np.asarray(head)
+    data.save_video(path + ".gif", [np.concatenate([head, frame]) for frame in strip], fps)
+    rows = np.linspace(0, len(strip) - 1, min(len(strip), 8)).round().astype(int)
+    Image.fromarray(np.concatenate([head, *strip[rows]])).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path + ".png")
 
-def save_png(path, image):
-    Image.fromarray(image).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
-
-@torch.no_grad()
-def preview_lvdm(unet, path, vae, item, cfg, amp, device):
-    """Samples one clip per preview EF from a validation clip's conditioning frame with `unet`
-    (the EMA) and writes path.gif (all frames) and path.png (8 frames, top to bottom); columns:
-    conditioning frame | real clip | generated at each EF."""
-    efs = torch.tensor(cfg["preview_efs"], device=device) / 100
-    n, Fr, cond = len(efs), cfg["frames"], item["cond"].to(device)
-    sampler = diffusion.DDIM() if cfg["preview_sampler"] == "ddim" else diffusion.DDPM()
-    sampler.set_timesteps(cfg["preview_steps"])
-    gens = [data.item_generator(cfg["seed"], i) for i in range(n)]
-    x = diffusion.sample(unet, sampler, cond.expand(n, *cond.shape), efs, gens, Fr, window=Fr,
-                         guidance=cfg["preview_guidance"], amp=amp)
-    fake = latent_pixels(x, vae)  # [n, F, H, W, 3]
-    real = latent_pixels(item["latents"].to(device), vae)
-    real[int(item["n_real"]):] = 0  # zero padding past the clip's end: black
-    first = np.broadcast_to(latent_pixels(cond[None], vae), real.shape)
-    strip = np.concatenate([first, real, *fake], axis=2)  # [F, H, (2 + n) W, 3]
-    labels = ["cond", "real"] + [f"EF {e:g}" for e in cfg["preview_efs"]]
-    data.save_video(path + ".gif", [with_header(f, labels) for f in strip], cfg["fps"])
-    rows = np.linspace(0, Fr - 1, min(Fr, 8)).round().astype(int)
-    save_png(path + ".png", with_header(np.concatenate(list(strip[rows])), labels))
-
-@torch.no_grad()
-def preview_vae(vae, path, frames):
-    """Writes path.png: real | reconstructed (posterior mode) for each frame, one per row."""
-    pixels = [data.to_pixels(x) for x in (frames, vae.decode(vae.encode(frames).mode()))]
-    grid = np.concatenate([np.concatenate(pair, axis=1) for pair in zip(*pixels)])
-    save_png(path + ".png", with_header(grid, ["real", "reconstructed"]))
-
-def make_preview(cfg, train_set, device, amp):
-    """Rank 0's preview, a function of (EMA model, path), on fixed validation data so that
-    previews are comparable: the first VAL clip (LVDM) or 8 VAL frames (VAE)."""
+def preview_example(cfg, train_set, device):
+    """Rank 0's fixed validation example, so that previews are comparable: (the first VAL clip,
+    the VAE decoding it or None) for the LVDM, (8 VAL frames, None) for the VAE; TRAIN if no VAL."""
     try:
         val_set = make_dataset(cfg, "VAL")
     except data.DataError:
@@ -384,11 +336,31 @@ def make_preview(cfg, train_set, device, amp):
         val_set = train_set
     if cfg["model"] == "vae":
         picks = np.linspace(0, len(val_set) - 1, 8).round().astype(int)
-        frames = torch.stack([val_set[int(i)] for i in picks]).to(device)
-        return lambda vae, path: preview_vae(vae, path, frames)
+        return torch.stack([val_set[int(i)] for i in picks]).to(device), None
     vae = model.load_model(cfg["vae"], expect="AutoencoderKL").to(device) if cfg["vae"] else None
-    item = val_set[0]
-    return lambda unet, path: preview_lvdm(unet, path, vae, item, cfg, amp, device)
+    return val_set[0], vae
+
+@torch.no_grad()
+def preview(ema, path, example, vae, cfg, amp, device):
+    """Writes path.gif and path.png of the EMA model on the preview example. VAE: columns real |
+    reconstructed (posterior mode), one frame per row. LVDM: one clip per preview EF sampled from
+    the example's conditioning frame; columns conditioning frame | real clip | each EF."""
+    if cfg["model"] == "vae":
+        pixels = [data.to_pixels(x) for x in (example, ema.decode(ema.encode(example).mode()))]
+        return save_preview(path, np.concatenate(pixels, axis=2), ["real", "reconstructed"], 1)
+    efs = torch.tensor(cfg["preview_efs"], device=device) / 100
+    n, Fr, cond = len(efs), cfg["frames"], example["cond"].to(device)
+    sampler = diffusion.DDIM() if cfg["preview_sampler"] == "ddim" else diffusion.DDPM()
+    sampler.set_timesteps(cfg["preview_steps"])
+    gens = [data.item_generator(cfg["seed"], i) for i in range(n)]
+    x = diffusion.sample(ema, sampler, cond.expand(n, *cond.shape), efs, gens, Fr, window=Fr,
+                         guidance=cfg["preview_guidance"], amp=amp)
+    real = latent_pixels(example["latents"].to(device), vae)  # [F, H, W, 3]
+    real[int(example["n_real"]):] = 0  # zero padding past the clip's end: black
+    first = np.broadcast_to(latent_pixels(cond[None], vae), real.shape)
+    strip = np.concatenate([first, real, *latent_pixels(x, vae)], axis=2)  # [F, H, (2 + n) W, 3]
+    save_preview(path, strip, ["cond", "real"] + [f"EF {e:g}" for e in cfg["preview_efs"]],
+                 cfg["fps"])
 
 # --- training ------------------------------------------------------------------------------------
 
@@ -408,14 +380,12 @@ def train(cfg):
     step = resume(cfg, net, ema, opt, scaler, log)
     if master:
         prepare_run_folder(cfg, step)
-    preview = make_preview(cfg, train_set, device, amp) if master and cfg["preview_every"] else None
-
+    example = preview_example(cfg, train_set, device) if master and cfg["preview_every"] else None
     # DDP averages the gradients on the last micro-step; torch.compile is optional. Checkpoints
     # save `net` itself, so its keys carry neither "module." nor "_orig_mod.".
     ddp_net = DDP(net, device_ids=[device] if device.type == "cuda" else None,
                   gradient_as_bucket_view=True) if ddp else None
     train_net = torch.compile(ddp_net or net) if cfg["compile"] else ddp_net or net
-    loss_of, count = objective(cfg, amp, device)
     batches = global_batches(train_set, cfg, rank, world, micro, step, device.type == "cuda")
     epoch_steps = len(train_set) // G
     log(f"{cfg['model']} '{cfg['preset']}': {model.count_parameters(net):,} parameters, "
@@ -430,7 +400,7 @@ def train(cfg):
             tic = time.time()
             micro_batches = next(batches)
             data_s += time.time() - tic
-            counts = [count(batch) for batch in micro_batches]
+            counts = [frames_in(batch) for batch in micro_batches]
             total = torch.tensor(sum(counts), device=device)
             if ddp:
                 dist.all_reduce(total)
@@ -445,7 +415,7 @@ def train(cfg):
                 first = rank * (G // world) + j * micro
                 gens = [data.item_generator(cfg["seed"], step, first + i) for i in range(micro)]
                 with ddp_net.no_sync() if ddp and j < accum - 1 else nullcontext():
-                    loss = loss_of(train_net, batch, gens)
+                    loss = loss_of(train_net, batch, gens, cfg, amp, device)
                     share = counts[j] / int(total)
                     weighted = loss * (share * world)
                     (scaler.scale(weighted) if scaler else weighted).backward()
@@ -481,7 +451,7 @@ def train(cfg):
                 opt.step()
             opt.zero_grad(set_to_none=True)
 
-            # Update EMA.
+            # Update the EMA (diffusers' EMAModel warm-up, capped at ema_decay).
             step += 1
             diffusion.ema_update(ema, net, step, cfg["ema_decay"])
 
@@ -508,8 +478,9 @@ def train(cfg):
                         "world_size": world})
                 if ddp:
                     dist.barrier()
-            if preview and step % cfg["preview_every"] == 0:
-                preview(ema, os.path.join(out, "previews", f"step-{step}"))
+            if example and step % cfg["preview_every"] == 0:
+                preview(ema, os.path.join(out, "previews", f"step-{step}"), *example, cfg, amp,
+                        device)
             t0 += time.time() - pause
     log(f"done: {step} steps in {out}")
 

@@ -301,6 +301,24 @@ def test_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "config.json", "previews"]
 
 
+def test_resume_takes_the_highest_complete_step_whatever_the_times(tmp_path, capsys):
+    """--resume latest takes the highest complete checkpoint by step (model.list_checkpoints, as
+    export.py and sample.py): not the newest by modification time (checkpoint-1 here, as a copy
+    can leave it), nor a half-deleted one (checkpoint-3 without ema.pt, which is saved anew)."""
+    root = make_latents(tmp_path / "d")
+    common = ["--config", TINY, "--data", root, "--out", tmp_path / "o", "--checkpoint-every", 1,
+              "--keep", 5, "--preview-every", 0]
+    assert run(*common, "--max-steps", 3) == 0
+    os.remove(tmp_path / "o" / "checkpoint-3" / "ema.pt")
+    for age, name in enumerate(["checkpoint-1", "checkpoint-3", "checkpoint-2"]):
+        os.utime(tmp_path / "o" / name, (1e9 - 100 * age, 1e9 - 100 * age))  # 1 newest
+    capsys.readouterr()
+    assert run(*common, "--max-steps", 3) == 0
+    assert f"resumed from {tmp_path / 'o' / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    assert [s for s, _ in model.list_checkpoints(str(tmp_path / "o"))] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "o" / "log.jsonl")] == [1, 2, 3]
+
+
 def test_torchrun_two_processes_match_one_process_and_resume(tmp_path):
     """torchrun, 2 gloo processes x 2 clips: 2 steps, then a resume for 2 more, give the weights
     of 1 process with 2 accumulation steps of 2 clips (same global batch of 4, uneven real
