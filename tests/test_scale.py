@@ -1,7 +1,9 @@
 """Scale-out tests on the CPU: two torchrun "nodes" on this machine (gloo) train to the weights of
-one process with the same global batch; benchmarks/gpu_check.py --smoke runs every group of the
-GPU check with the tiny presets and fills every row; its guards and time budget mark what fails
-or overflows. OMP_NUM_THREADS=1 in every process keeps the runs exact (see test_train.py)."""
+one process with the same global batch; two torchrun processes sample the same files as one, and
+a set left by a failed process is finished by a run with another process count;
+benchmarks/gpu_check.py --smoke runs every group of the GPU check with the tiny presets and fills
+every row; its guards and time budget mark what fails or overflows. OMP_NUM_THREADS=1 in every
+process keeps the runs exact (see test_train.py)."""
 
 import csv
 import importlib.util
@@ -16,8 +18,11 @@ import time
 import pytest
 import torch
 
+import model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.json")
+SAMPLE = os.path.join(ROOT, "sample.py")
 GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -92,6 +97,102 @@ def test_two_nodes_train_like_one_process(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert_close(load(nodes, 2, "model.pt"), load(one, 2, "model.pt"), atol=1e-6)
     assert_close(load(nodes, 2, "ema.pt")["model"], load(one, 2, "ema.pt")["model"], atol=1e-6)
+
+
+# --- sampling under torchrun --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    """Tiny UNet and VAE folders, a conditioning folder of three latents, and the reference: one
+    plain process sampling 6 videos in batches of 2 (pt latents and jpg frames)."""
+    root = tmp_path_factory.mktemp("sampling")
+    g = torch.Generator().manual_seed(0)
+    for name, net in (("unet", model.UNetSpatioTemporal(model.UNET_PRESETS["tiny"])),
+                      ("vae", model.AutoencoderKL(model.VAE_PRESETS["tiny"]))):
+        with torch.no_grad():  # perturbed, so that no layer is zero
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.03)
+        net.save_pretrained(str(root / name))
+    os.makedirs(root / "cond")
+    for name in ("a", "b", "c"):
+        torch.save(torch.randn(4, 14, 14, generator=g), root / "cond" / f"{name}.pt")
+    p = subprocess.run(sample_command(root, root / "one"), cwd=root, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return root
+
+
+def sample_command(root, out, processes=0, script=SAMPLE):
+    """sample.py (or a wrapper `script`) on 6 videos of 8 frames, 2 steps, batches of 2: plain
+    python, or under torchrun with `processes` processes (--standalone: a local rendezvous)."""
+    launch = [sys.executable]
+    if processes:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes)]
+    return [*launch, script, "--unet", str(root / "unet"), "--vae", str(root / "vae"),
+            "--conditioning", str(root / "cond"), "--output", str(out), "--num_samples", "6",
+            "--batch_size", "2", "--num_steps", "2", "--frames", "8", "--save_as", "pt,jpg"]
+
+
+def assert_same_videos(a, b, indices):
+    """Videos `indices` of folders a and b: equal latents (torch.equal) and jpg bytes."""
+    for i in indices:
+        name = f"sample_{i:06d}"
+        assert torch.equal(torch.load(a / "pt" / f"{name}.pt"), torch.load(b / "pt" / f"{name}.pt"))
+        frames = sorted(os.listdir(a / "jpg" / name))
+        assert frames == sorted(os.listdir(b / "jpg" / name)) and len(frames) == 8
+        for f in frames:
+            assert (a / "jpg" / name / f).read_bytes() == (b / "jpg" / name / f).read_bytes(), f
+
+
+@pytest.mark.slow
+def test_torchrun_sampling_writes_what_one_process_writes(sampled, tmp_path):
+    """`torchrun --nproc_per_node 2 sample.py` (gloo): batch k of the 6 videos goes to process
+    k mod 2; the same .pt latents, jpg frames and FileList.csv rows as one process, and one
+    progress bar (rank 0's) that counts the videos of both processes."""
+    p = subprocess.run(sample_command(sampled, tmp_path / "two", processes=2), cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_same_videos(sampled / "one", tmp_path / "two", range(6))
+    assert (tmp_path / "two" / "FileList.csv").read_text() == \
+        (sampled / "one" / "FileList.csv").read_text()
+    assert "6/6 [" in p.stderr  # rank 0 sampled 4 of them
+
+
+@pytest.mark.slow
+def test_failed_process_keeps_finished_videos_and_another_count_finishes(sampled, tmp_path):
+    """Under torchrun with 2 processes, rank 0 fails writing video 4 (its second batch, [4, 5]):
+    non-zero exit, videos 0-3 of both processes finished and equal to one process's, no
+    FileList.csv. One plain process then finishes the set: videos 0-3 not rewritten, 4-5 and
+    FileList.csv equal to the unbroken run's."""
+    wrapper = tmp_path / "failing_sample.py"
+    wrapper.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import sample\n"
+        "save = sample.data.save_video\n"
+        "def failing(path, *args):\n"
+        "    if 'sample_000004' in path:\n"
+        "        raise OSError('simulated write error')\n"
+        "    save(path, *args)\n"
+        "sample.data.save_video = failing\n"
+        "sample.main()\n")
+    out = tmp_path / "out"
+    p = subprocess.run(sample_command(sampled, out, processes=2, script=str(wrapper)),
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "simulated write error" in p.stdout + p.stderr
+    assert sorted(os.listdir(out / "jpg"))[:4] == [f"sample_{i:06d}" for i in range(4)]
+    assert not (out / "jpg" / "sample_000004").exists() and not (out / "FileList.csv").exists()
+    assert_same_videos(sampled / "one", out, range(4))
+    stamps = {f: f.stat().st_mtime_ns for f in (out / "pt").iterdir() if f.name < "sample_000004"}
+
+    p = subprocess.run(sample_command(sampled, out), cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    assert_same_videos(sampled / "one", out, range(6))
+    assert (out / "FileList.csv").read_text() == (sampled / "one" / "FileList.csv").read_text()
 
 
 # --- benchmarks/gpu_check.py ---------------------------------------------------------------------
