@@ -4,17 +4,21 @@
     python sample.py --unet models/lvdm --vae models/vae --conditioning data/conditioning \\
         --output samples/lvdm_dynamic --num_samples 2048 --batch_size 8 --num_steps 64 \\
         --min_lvef 10 --max_lvef 90 --save_as avi,jpg --frames 192   # the paper's metric set
+    torchrun --nproc_per_node 8 sample.py --frames 192 ...          # 8 GPUs (or --nnodes N)
 
 Follows EchoNet-Synthetic's `echosyn/lvdm/sample.py` (its flags and its algorithm: DDPM over 64
 "leading" steps, long videos as 64-frame windows every 32 frames in one UNet batch, conditioning
 files taken in turn), but every video has its own random generator, seeded from (--seed, its
-index), so a video is the same at any batch size; a killed run started again skips the finished
-videos. Outputs: <output>/<format>/sample_000000[.ext] and <output>/FileList.csv.
-Differences from the original and its bugs: docs/sample.md.
+index), so a video is the same at any batch size or process count; a killed run started again
+skips the finished videos. Outputs: <output>/<format>/sample_000000[.ext], <output>/FileList.csv.
+Differences from the original and its bugs: docs/sample.md; several GPUs and nodes: docs/scale.md.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -22,6 +26,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -35,15 +40,14 @@ arg = parser.add_argument_group("models and conditioning").add_argument
 arg("--unet", default="models/lvdm", help="UNet model folder, or a training run folder or its "
     "checkpoint-<step>/ (EMA weights) (default: %(default)s, else out/lvdm's newest checkpoint)")
 arg("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
-arg("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt latents "
-    "(scaled) or .jpg/.png frames, or an encoded dataset root (FileList.csv + Latents/: first "
-    "frames of its TEST videos) (default: %(default)s)")
+arg("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt latents or "
+    ".jpg/.png frames, or an encoded dataset root (its TEST videos) (default: %(default)s)")
 arg("--config", help="ignored (model folders carry their config): the original's commands run")
 arg = parser.add_argument_group("sampling").add_argument
 arg("--num_samples", type=int, default=8, help="videos (default: %(default)s)")
 arg("--num_steps", type=int, default=64, help="denoising steps (default: %(default)s)")
-arg("--sampler", choices=("ddpm", "ddim"), default="ddpm",
-    help="ddpm (the original's) or deterministic ddim (default: %(default)s)")
+arg("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm (default, the original's) "
+    "or deterministic ddim")
 arg("--guidance", type=float, default=1.0, help="classifier-free guidance scale, 1 = off "
     "(default; the published model never saw a null EF)")
 arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
@@ -52,27 +56,28 @@ arg("--ef_from", help="a FileList.csv: EFs drawn from its EF column (within min.
 arg("--frames", type=int, default=192, help="frames per video, rounded up to a multiple of half "
     "the UNet's num_frames (32) (default: %(default)s)")
 arg("--seed", type=int, default=0, help="video i's generator is seeded (seed, i) (default: 0)")
-arg("--fps", type=float, default=32, help="the UNet's training frame rate, written to the "
-    "videos and FileList.csv (default: %(default)s, the original's)")
+arg("--fps", type=float, default=32, help="written to the videos and FileList.csv (default: "
+    "%(default)s, the UNet's training frame rate)")
 arg = parser.add_argument_group("output and performance").add_argument
 arg("--output", default="samples/lvdm", help="output folder (default: %(default)s)")
 arg("--save_as", default="avi,jpg", help="any of avi,mp4,gif,jpg,png (frame folders),pt "
     "(latents) (default: %(default)s)")
 arg("--batch_size", type=int, default=8, help="videos per batch (default: %(default)s)")
-arg("--decode_chunk", type=int, default=8, help="frames per VAE decode call (default: "
-    "%(default)s; on a CPU 2-8 ran faster than 64)")
-arg("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-    help="torch device (default: %(default)s); the UNet runs in bf16 on cuda")
+arg("--decode_chunk", type=int, default=8, help="frames per VAE decode call (default: 8)")
+arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 UNet; "
+    "cuda:LOCAL_RANK under torchrun) or cpu (default: %(default)s)")
 arg("--dry_run", action="store_true", help="print the resolved settings and exit")
 
 FORMATS = ("avi", "mp4", "gif", "jpg", "png", "pt")
-UNET, VAE = "UNetSpatioTemporalConditionModel", "AutoencoderKL"
-TRAIN_OUT = "out/lvdm"  # train.py's default run folder: --unet's fallback
-GET_WEIGHTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ -> models/lvdm,"
-               " vae/ -> models/vae) or train your own (make demo; or python train.py ... then "
-               "python export.py)")
-GET_CONDITIONING = ("give --conditioning a folder of [4, 14, 14] .pt latents or of 112x112 "
-                    ".jpg/.png frames (e.g. frames of real echos)")
+UNET, TRAIN_OUT = "UNetSpatioTemporalConditionModel", "out/lvdm"  # --unet's fallback: train.py's
+# Every numeric flag's range (None: unbounded), checked before any work; NaN and inf fail too.
+RANGES = {"num_samples": (1, None), "num_steps": (1, 1000), "guidance": (0, None),  # 1000: the
+          "frames": (1, None), "seed": (0, None), "fps": (1, None),  # training schedule's steps
+          "batch_size": (1, None), "decode_chunk": (1, None)}  # EFs: 0 <= min <= max <= 100
+HINTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ -> models/lvdm, "
+         "vae/ -> models/vae) or train your own (make demo; or python train.py ... then python "
+         "export.py)", "give --conditioning a folder of [4, 14, 14] .pt latents or of 112x112 "
+         ".jpg/.png frames (e.g. frames of real echos)")
 
 class SampleError(Exception):
     """Bad input; the message names the flag or file and what is wrong (main exits cleanly)."""
@@ -80,30 +85,30 @@ class SampleError(Exception):
 # --- inputs ------------------------------------------------------------------------------------
 
 def check_flags(args):
-    """Flags out of range, and everything a fresh checkout lacks (in one message)."""
+    """Numbers out of range, and everything a fresh checkout lacks (in one message)."""
+    for flag, (low, high) in RANGES.items():
+        x = getattr(args, flag)
+        if not (math.isfinite(x) and low <= x <= (high or math.inf)):
+            raise SampleError(f"--{flag} {x}: must be a finite number "
+                              + (f"in [{low}, {high}]" if high else f">= {low}"))
     if not 0 <= args.min_lvef <= args.max_lvef <= 100:
         raise SampleError(f"--min_lvef {args.min_lvef} --max_lvef {args.max_lvef}: need "
                           "0 <= min_lvef <= max_lvef <= 100 (EF in %)")
-    for flag in ("num_samples", "batch_size", "num_steps", "frames", "decode_chunk"):
-        if getattr(args, flag) < 1:
-            raise SampleError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.seed < 0:
-        raise SampleError(f"--seed {args.seed}: must be >= 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device {args.device}: CUDA is not available here (use cpu)")
     fallback = args.unet == parser.get_default("unet") and model.list_checkpoints(TRAIN_OUT)
     found = {"unet": os.path.exists(args.unet) or bool(fallback), "vae": os.path.exists(args.vae),
              "conditioning": os.path.isdir(args.conditioning)}
     if not all(found.values()):
-        missing = [f"--{flag} {getattr(args, flag)}" for flag, ok in found.items() if not ok]
-        hints = [GET_WEIGHTS] * (not found["unet"] or not found["vae"])
-        hints += [GET_CONDITIONING] * (not found["conditioning"])
-        raise SampleError(f"missing {', '.join(missing)}: {'; '.join(hints)}")
+        hints = [HINTS[0]] * (not found["unet"] or not found["vae"])
+        hints += [HINTS[1]] * (not found["conditioning"])
+        missing = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in found if not found[flag])
+        raise SampleError(f"missing {missing}: {'; '.join(hints)}")
 
 def load_unet(path):
-    """(UNet, path): a model folder, or a training checkpoint's EMA weights (a checkpoint-<step>/
-    folder, or a run folder: its highest complete step, model.load_checkpoint); when the
-    default models/lvdm is absent, the newest checkpoint of train.py's default run folder."""
+    """(UNet, its folder): a model folder, or a training checkpoint's EMA weights (a
+    checkpoint-<step>/ folder, or a run folder: its highest complete step, by step); when the
+    default models/lvdm is absent, train.py's default run folder (out/lvdm)."""
     if path == parser.get_default("unet") and not os.path.exists(path):
         path = TRAIN_OUT
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -114,31 +119,26 @@ def load_unet(path):
     return unet, path
 
 def load_models(args):
-    """(UNet, its path, VAE, window): the window is the UNet's num_frames, as the original's T."""
-    unet, unet_path = load_unet(args.unet)
-    vae = model.load_model(args.vae, expect=VAE)
-    C, window = vae.config.latent_channels, unet.config.num_frames
-    if len(vae.config.block_out_channels) != 4:
-        raise SampleError(f"--vae {args.vae}: {len(vae.config.block_out_channels)} levels; this "
-                          "sampler expects 4 (frames 8x the latent size, as the original's)")
-    if (unet.config.in_channels, unet.config.out_channels) != (2 * C, C):
-        raise SampleError(f"--unet {unet_path}: takes {unet.config.in_channels} channels and "
-                          f"gives {unet.config.out_channels}; the VAE's latents need {2 * C}, {C}")
-    if window < 2 or window % 2:
-        raise SampleError(f"--unet {unet_path}: num_frames {window} in its config; the windows "
-                          "need an even number (the training clip length, 64)")
-    return unet, unet_path, vae, window
+    """(UNet, its folder, VAE), checked against what the sampler needs: frames 8x the latent
+    size (4 VAE levels, as the original's), a UNet taking noisy + conditioning latents (2C
+    channels) to C, and a window it can halve (num_frames, the original's T)."""
+    unet, path = load_unet(args.unet)
+    vae = model.load_model(args.vae, expect="AutoencoderKL")
+    C, config = vae.config.latent_channels, unet.config
+    if len(vae.config.block_out_channels) != 4 or config.num_frames < 2 or config.num_frames % 2 \
+            or (config.in_channels, config.out_channels) != (2 * C, C):
+        raise SampleError(f"--unet {path} --vae {args.vae}: need a VAE of 4 levels and C latent "
+                          "channels, and a UNet of 2C -> C channels with an even num_frames")
+    return unet, path, vae
 
 def list_conditioning(folder):
     """The conditioning files sorted by name: all .pt files, or all .jpg/.jpeg/.png files; or,
     for an encoded EchoNet-layout root (FileList.csv + Latents/), the latent videos of its TEST
     split, whose first frames animate real hearts."""
-    latents = os.path.join(folder, "Latents")
-    if os.path.isfile(os.path.join(folder, "FileList.csv")) and os.path.isdir(latents):
-        paths = [os.path.join(latents, r["FileName"] + ".pt")
+    if os.path.isfile(f"{folder}/FileList.csv") and os.path.isdir(f"{folder}/Latents"):
+        paths = [os.path.join(folder, "Latents", r["FileName"] + ".pt")
                  for r in data.read_filelist(folder, probe=False) if r["Split"] == "TEST"]
-        paths = [p for p in paths if os.path.isfile(p)]
-        if not paths:
+        if not (paths := [p for p in paths if os.path.isfile(p)]):
             raise SampleError(f"--conditioning {folder}: no TEST videos with a latent in Latents/")
         return paths
     names = sorted(os.listdir(folder))
@@ -152,31 +152,31 @@ def list_conditioning(folder):
 def read_conditioning(path, shape):
     """A conditioning file: a latent of `shape` [C, h, w] (fp32) or a latent video [T, C, h, w]
     (its first frame), or an RGB frame uint8 [8h, 8w, 3] (for a VAE with 4 levels)."""
-    latent = path.lower().endswith(".pt")
     try:
-        if latent:
+        if path.lower().endswith(".pt"):
             x = model.torch_load(path)
             if torch.is_tensor(x) and x.ndim == 4 and tuple(x.shape[1:]) == tuple(shape):
                 x = x[0]  # a latent video: its first frame
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            x = x.float() if torch.is_tensor(x) else x
         else:
             with Image.open(path) as im:
                 x = torch.from_numpy(np.array(im.convert("RGB")))
-            got, shape = tuple(x.shape), (shape[1] * 8, shape[2] * 8, 3)
+            shape = (shape[1] * 8, shape[2] * 8, 3)
     except (OSError, model.ModelLoadError) as e:  # unpickling, truncated or non-image files
         raise SampleError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
     if got != tuple(shape):
         raise SampleError(f"{path}: shape {got}, expected {tuple(shape)}")
-    return x.float() if latent else x
-
-def conditioning(paths, shape, vae, generators, device):
-    """Scaled conditioning latents [B, C, h, w]: .pt latents as they are; frames encoded as the
-    original does (data.from_pixels: x / 128 - 1), a posterior *sample* (here from the video's
-    own generator) times the scaling factor."""
-    x = torch.stack([read_conditioning(p, shape) for p in paths]).to(device)
-    if not paths[0].lower().endswith(".pt"):
-        x = vae.encode(data.from_pixels(x)).sample(generators) * vae.config.scaling_factor
     return x
+
+def read_efs(args):
+    """--ef_from's EF column (a FileList.csv or a folder holding one) within the EF range."""
+    root = os.path.dirname(args.ef_from) if os.path.isfile(args.ef_from) else args.ef_from
+    efs = [r["EF"] for r in data.read_filelist(root, probe=False)
+           if args.min_lvef <= r["EF"] <= args.max_lvef]
+    if not efs:
+        raise SampleError(f"--ef_from {args.ef_from}: no EF in [{args.min_lvef}, {args.max_lvef}]")
+    return efs
 
 def draw_ef(generator, low, high, real_efs=None):
     """A video's EF, its generator's first draw: an integer uniform in [low, high] (the original's
@@ -185,16 +185,36 @@ def draw_ef(generator, low, high, real_efs=None):
         return int(torch.randint(low, high + 1, (1,), generator=generator))
     return real_efs[int(torch.randint(len(real_efs), (1,), generator=generator))]
 
-def read_efs(args):
-    """--ef_from's EF column (a FileList.csv or a folder holding one) within the EF range."""
-    if not args.ef_from:
-        return None
-    root = os.path.dirname(args.ef_from) if os.path.isfile(args.ef_from) else args.ef_from
-    efs = [r["EF"] for r in data.read_filelist(root, probe=False)
-           if args.min_lvef <= r["EF"] <= args.max_lvef]
-    if not efs:
-        raise SampleError(f"--ef_from {args.ef_from}: no EF in [{args.min_lvef}, {args.max_lvef}]")
-    return efs
+def conditioning(paths, shape, vae, generators, device):
+    """Scaled conditioning latents [B, C, h, w]: .pt latents as they are; frames encoded as the
+    original does (data.from_pixels: x / 128 - 1), a posterior *sample* (here from the video's
+    own generator) times the scaling factor."""
+    x = torch.stack([read_conditioning(p, shape) for p in paths]).to(device)
+    if x.dtype == torch.uint8:
+        x = vae.encode(data.from_pixels(x)).sample(generators) * vae.config.scaling_factor
+    return x
+
+def setup(args, device):
+    """The run, checked before any work: models on `device`, scheduler, conditioning files, EFs,
+    the video length, and the settings that determine the written files (settings.json)."""
+    unet, unet_path, vae = load_models(args)
+    window = unet.config.num_frames  # 64: the original's T; windows every window // 2 frames
+    job = argparse.Namespace(
+        unet=unet.to(device).requires_grad_(False), vae=vae.to(device).requires_grad_(False),
+        window=window, frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
+        shape=(vae.config.latent_channels, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
+        paths=list_conditioning(args.conditioning), device=device,
+        efs=read_efs(args) if args.ef_from else None,
+        scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
+        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
+    job.scheduler.set_timesteps(args.num_steps)
+    job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
+                                                  "min_lvef", "max_lvef", "fps")}
+    job.settings.update(frames=job.frames, window=window, unet=os.path.abspath(unet_path),
+                        vae=os.path.abspath(args.vae), ef_from=args.ef_from and os.path.abspath(
+                            args.ef_from), conditioning=os.path.abspath(args.conditioning),
+                        device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
+    return job
 
 # --- outputs -----------------------------------------------------------------------------------
 
@@ -203,106 +223,132 @@ def output_path(out, fmt, index):
     name = f"sample_{index:06d}"
     return os.path.join(out, fmt, name if fmt in ("jpg", "png") else f"{name}.{fmt}")
 
-def save(out, index, frames, latents, formats, fps):
-    """One video in every format, each written under a temporary name and renamed."""
-    for fmt in formats:
-        path = output_path(out, fmt, index)
-        if fmt == "pt":
-            torch.save(latents.cpu().clone(), path + ".tmp")
-            os.replace(path + ".tmp", path)
-        else:
-            data.save_video(path, frames, fps, fmt)
-
 def finished(out, formats):
     """Indices of the videos in `out` that exist in every format."""
     found = [re.fullmatch(r"sample_(\d{6,})(\.\w+)?", n) for n in os.listdir(f"{out}/{formats[0]}")]
     return {int(m[1]) for m in found
             if m and all(os.path.exists(output_path(out, f, int(m[1]))) for f in formats)}
 
-def prepare_output(out, formats, settings):
-    """Refuse to mix settings in one folder, drop a killed run's temporary files, record the
-    settings (<out>/settings.json)."""
-    path = os.path.join(out, "settings.json")
-    old = {}
-    if os.path.isfile(path):
+@contextlib.contextmanager
+def locked(out):
+    """Hold <out>/.lock while the block runs: a second run into the folder is refused, naming
+    the holder. An flock: the kernel drops it when its process dies, so a killed run's is free."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SampleError(f"--output {out}: in use by another run ({f.read() or 'starting'}; "
+                              "its .lock): wait for it, or use another --output") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
+
+def prepare_output(args, formats, job):
+    """Rank 0, holding the lock: drop a killed run's temporary files; refuse a folder holding
+    videos made with other settings (one without videos takes the new ones: a run that failed
+    before its first video never blocks the corrected command); record the settings. Returns
+    the indices still to do, their conditioning files read (fail now, not hours in)."""
+    out, path = args.output, os.path.join(args.output, "settings.json")
+    names = [(f, n) for f in FORMATS if os.path.isdir(f"{out}/{f}")
+             for n in os.listdir(f"{out}/{f}") if n.startswith("sample_")]
+    for tmp in [os.path.join(out, f, n) for f, n in names if n.endswith(".tmp")]:
+        shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+    if os.path.isfile(path) and any(not n.endswith(".tmp") for _, n in names):
         with open(path) as f:
-            old = json.load(f)
-    changed = [f"{k} {v!r} -> {settings[k]!r}" for k, v in old.items() if settings.get(k, v) != v]
-    if changed:
-        raise SampleError(f"{out} holds videos made with other settings ({'; '.join(changed)}): "
-                          "use another --output, or the same settings to resume")
-    for fmt in FORMATS:
-        for name in os.listdir(f"{out}/{fmt}") if os.path.isdir(f"{out}/{fmt}") else []:
-            tmp = os.path.join(out, fmt, name)
-            if name.startswith("sample_") and name.endswith(".tmp"):
-                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+            old, new = json.load(f), job.settings
+        changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in {**new, **old}
+                   if old.get(k) != new.get(k)]
+        if changed:
+            raise SampleError(f"{out} holds videos made with other settings ({'; '.join(changed)})"
+                              ": use another --output, or the same settings to resume")
     for fmt in formats:
         os.makedirs(os.path.join(out, fmt), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(settings, f, indent=2)
+        json.dump(job.settings, f, indent=2)
     os.replace(path + ".tmp", path)
+    todo = [i for i in range(args.num_samples) if i not in finished(out, formats)]
+    for i in sorted({i % len(job.paths) for i in todo}):
+        read_conditioning(job.paths[i], job.shape)
+    return todo
+
+def sample_batch(args, job, index, formats):
+    """Videos `index`: EF, conditioning latent, denoising, decoding, then every format, each
+    file written under a temporary name and renamed (a killed run leaves no half file)."""
+    generators = [data.item_generator(args.seed, i) for i in index]
+    efs = [draw_ef(g, args.min_lvef, args.max_lvef, job.efs) for g in generators]
+    with torch.inference_mode():
+        x = conditioning([job.paths[i % len(job.paths)] for i in index], job.shape, job.vae,
+                         generators, job.device)  # video i: file i mod N
+        ef = torch.tensor(efs, device=job.device) / 100
+        latents = diffusion.sample(job.unet, job.scheduler, x, ef, generators,
+                                   max(job.frames, job.window), job.window, job.window // 2,
+                                   args.guidance, job.amp)[:, :job.frames]
+        videos = data.decode(job.vae, latents, args.decode_chunk)
+    for i, video, z in zip(index, videos, latents):
+        for fmt, path in [(fmt, output_path(args.output, fmt, i)) for fmt in formats]:
+            if fmt == "pt":
+                torch.save(z.cpu().clone(), path + ".tmp")
+                os.replace(path + ".tmp", path)
+            else:
+                data.save_video(path, video, args.fps, fmt)
+
+def write_filelist(args, job, formats):
+    """FileList.csv, rebuilt from every finished video on disk (EFs redrawn from their
+    generators), in index order: by rank 0, once every process is done."""
+    rows = [{"FileName": f"sample_{i:06d}", "EF": draw_ef(data.item_generator(args.seed, i),
+             args.min_lvef, args.max_lvef, job.efs), "ESV": 0, "EDV": 0, "FrameHeight": 8 *
+             job.shape[1], "FrameWidth": 8 * job.shape[2], "FPS": args.fps, "NumberOfFrames":
+             job.frames, "Split": "TRAIN"} for i in sorted(finished(args.output, formats))]
+    data.write_filelist(os.path.join(args.output, "FileList.csv"), rows)
+    print(f"{len(rows)} videos of {job.frames} frames in {args.output} ({', '.join(formats)})")
 
 # --- main --------------------------------------------------------------------------------------
 
-def run(args, formats):
-    # Inputs: flags, EFs, conditioning files, models; the scheduler and the video length.
-    check_flags(args)
-    real_efs, paths = read_efs(args), list_conditioning(args.conditioning)
-    unet, unet_path, vae, window = load_models(args)
-    shape = (vae.config.latent_channels, *2 * [unet.config.sample_size or 14])  # [4, 14, 14]
-    frames = diffusion.round_frames(args.frames, window // 2)  # 100 -> 128 with 64-frame windows
-    scheduler = diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0)
-    if args.num_steps > scheduler.config["num_train_timesteps"]:
-        raise SampleError(f"--num_steps {args.num_steps}: at most 1000 (the training steps)")
-    scheduler.set_timesteps(args.num_steps)
-
-    # The output folder: what determines its videos, and which of them are still to do.
-    settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
-                                              "min_lvef", "max_lvef")}
-    settings.update(frames=frames, window=window, unet=os.path.abspath(unet_path),
-                    vae=os.path.abspath(args.vae), conditioning=os.path.abspath(args.conditioning),
-                    ef_from=args.ef_from and os.path.abspath(args.ef_from))
-    if args.dry_run:
-        print(json.dumps({**settings, "save_as": formats, "output": args.output}, indent=2))
-        return
-    prepare_output(args.output, formats, settings)
-    done = finished(args.output, formats)
-    todo = [i for i in range(args.num_samples) if i not in done]
-    for i in sorted({i % len(paths) for i in todo}):  # fail now, not hours in
-        read_conditioning(paths[i], shape)
-
-    # Sample batch after batch: EF, conditioning latent, denoising, decoding, files.
+def start(args):
+    """(rank, processes, device). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process
+    takes cuda:LOCAL_RANK and joins a process group: nccl on GPUs, gloo on CPUs."""
     device = torch.device(args.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    unet.to(device).requires_grad_(False)
-    vae.to(device).requires_grad_(False)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    bar = tqdm(total=args.num_samples, initial=args.num_samples - len(todo), unit="video")
-    for k in range(0, len(todo), args.batch_size):
-        index = todo[k:k + args.batch_size]
-        generators = [data.item_generator(args.seed, i) for i in index]
-        efs = [draw_ef(g, args.min_lvef, args.max_lvef, real_efs) for g in generators]
-        with torch.inference_mode():
-            cond = conditioning([paths[i % len(paths)] for i in index], shape, vae, generators,
-                                device)
-            latents = diffusion.sample(unet, scheduler, cond, torch.tensor(efs, device=device)
-                                       / 100, generators, max(frames, window), window,
-                                       window // 2, args.guidance, amp)[:, :frames]
-            videos = data.decode(vae, latents, args.decode_chunk)
-        for i, video, z in zip(index, videos, latents):
-            save(args.output, i, video, z, formats, args.fps)
-        bar.update(len(index))
-    bar.close()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
-    # FileList.csv, rebuilt from every finished video (EFs redrawn from their generators).
-    efs = [(i, draw_ef(data.item_generator(args.seed, i), args.min_lvef, args.max_lvef,
-                       real_efs)) for i in sorted(finished(args.output, formats))]
-    rows = [{"FileName": f"sample_{i:06d}", "EF": ef, "ESV": 0, "EDV": 0, "FrameHeight": 8 *
-             shape[1], "FrameWidth": 8 * shape[2], "FPS": args.fps, "NumberOfFrames": frames,
-             "Split": "TRAIN"} for i, ef in efs]
-    data.write_filelist(os.path.join(args.output, "FileList.csv"), rows)
-    print(f"{len(rows)} videos of {frames} frames in {args.output} ({', '.join(formats)})")
+def run(args, formats):
+    check_flags(args)
+    rank, world, device = start(args)
+    if device.type == "cuda":  # TF32 matmuls; the UNet under bf16 autocast, the VAE in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    job = setup(args, device)
+    if args.dry_run:
+        print(json.dumps({**job.settings, "save_as": formats, "output": args.output}, indent=2))
+        return
+    with locked(args.output) if rank == 0 else contextlib.nullcontext():
+        # Rank 0 prepares the folder and lists the videos to do; every process gets the list.
+        todo = [prepare_output(args, formats, job) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(todo, src=0)
+        # The batches are the same whatever the process count (so are their float sums): batch
+        # k goes to process k mod N; every process takes the same number of rounds, and their
+        # video counts add up (all_reduce) on rank 0's progress bar.
+        batches = [todo[0][k:k + args.batch_size] for k in range(0, len(todo[0]), args.batch_size)]
+        bar = tqdm(total=args.num_samples, initial=args.num_samples - len(todo[0]), unit="video",
+                   disable=rank > 0)
+        for k in range(rank, -(-len(batches) // world) * world, world):
+            if k < len(batches):
+                sample_batch(args, job, batches[k], formats)
+            n = torch.tensor(len(batches[k]) if k < len(batches) else 0, device=device)
+            if world > 1:
+                dist.all_reduce(n)
+            bar.update(int(n))
+        bar.close()
+        if rank == 0:  # after the last all_reduce: every process has written its videos
+            write_filelist(args, job, formats)
 
 def main(argv=None):
     args = parser.parse_args(argv)
@@ -312,9 +358,12 @@ def main(argv=None):
     try:
         run(args, formats)
     except (SampleError, model.ModelLoadError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, once
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command again to finish (finished videos are kept)")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ tiny UNet's num_frames), so 16 frames stitch 3 windows as 192 frames stitch 5 in
 import csv
 import dataclasses
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -309,10 +311,11 @@ def test_bad_input_gives_one_line_error(folders, tmp_path, capsys, case, message
         extra = ["--min_lvef", "60", "--max_lvef", "40"]
     elif case == "ef above 100":
         extra = ["--max_lvef", "120"]
-    elif case == "settings changed":
-        os.makedirs(tmp_path / "out")
-        (tmp_path / "out" / "settings.json").write_text('{"seed": 0}')
-        extra = ["--seed", "1"]
+    elif case == "settings changed":  # a folder with a video of seed 0
+        extra = ["--frames", "8", "--save_as", "pt", "--num_samples", "1"]
+        sample.main(["--unet", str(unet), "--vae", str(vae), "--conditioning", str(cond),
+                     "--output", str(tmp_path / "out"), "--num_steps", "1", *extra])
+        extra += ["--seed", "1"]
     with pytest.raises(SystemExit) as e:
         sample.main(["--unet", str(unet), "--vae", str(vae), "--conditioning", str(cond),
                      "--output", str(tmp_path / "out"), "--num_steps", "1", *extra])
@@ -326,3 +329,73 @@ def test_unknown_format_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--save_as", "avi,webm"])
     assert e.value.code == 2 and "choose from avi,mp4,gif,jpg,png,pt" in capsys.readouterr().err
+
+
+# --- issue 14: settings recorded, numbers checked, one run per folder ----------------------------
+
+@pytest.mark.parametrize("flag, value", [("guidance", "nan"), ("guidance", "inf"),
+                                         ("guidance", "-1"), ("fps", "nan"), ("fps", "0"),
+                                         ("num_steps", "1001"), ("decode_chunk", "0"),
+                                         ("seed", "-1"), ("batch_size", "0")])
+def test_numeric_flags_must_be_finite_and_in_range(folders, tmp_path, flag, value):
+    """Every numeric flag is checked before any work: NaN, inf and out-of-range values give a
+    one-line error naming the flag, and no output folder is made."""
+    with pytest.raises(SystemExit) as e:
+        run(folders, tmp_path / "out", f"--{flag}", value)
+    assert str(e.value).startswith(f"error: --{flag} ") and "must be a finite number" in \
+        str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_at_another_fps_is_refused(folders, tmp_path):
+    """--fps changes the written files, so it is recorded: a folder of 32 fps videos refuses
+    --fps 16 (it would mix 16 and 32 fps videos under one FileList FPS)."""
+    run(folders, tmp_path / "out", "--num_samples", "1", "--save_as", "pt")
+    with pytest.raises(SystemExit, match=r"other settings \(fps 32 -> 16.0\)"):
+        run(folders, tmp_path / "out", "--num_samples", "2", "--save_as", "pt", "--fps", "16")
+    assert os.listdir(tmp_path / "out" / "pt") == ["sample_000000.pt"]
+
+
+def test_run_failing_before_its_first_video_does_not_block_the_fix(folders, tmp_path):
+    """A run that stops before writing any video (here: its second conditioning file has the
+    wrong shape) leaves settings that do not refuse the corrected command (another seed and
+    conditioning folder)."""
+    bad = tmp_path / "bad"
+    os.makedirs(bad)
+    torch.save(torch.zeros(4, 14, 14), bad / "a.pt")
+    torch.save(torch.zeros(4, 16, 16), bad / "b.pt")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="b.pt: shape"):
+        sample.main(["--unet", str(folders / "unet"), "--vae", str(folders / "vae"),
+                     "--conditioning", str(bad), "--output", str(out), "--num_steps", "2",
+                     "--frames", "8", "--num_samples", "2", "--save_as", "pt", "--seed", "1"])
+    assert (out / "settings.json").is_file() and not os.listdir(out / "pt")
+    run(folders, out, "--num_samples", "2", "--save_as", "pt", "--seed", "2")
+    assert sorted(os.listdir(out / "pt")) == ["sample_000000.pt", "sample_000001.pt"]
+
+
+def test_second_run_into_a_locked_folder_is_refused_and_a_dead_holders_lock_taken_over(
+        folders, tmp_path):
+    """While another process holds <output>/.lock the run is refused with a one-line message
+    naming the holder's pid; once that process is dead (killed), its lock is taken over."""
+    out = tmp_path / "out"
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"f = open({str(out / '.lock')!r}, 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.truncate(0); f.write(f'pid {os.getpid()} on here'); f.flush()\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as e:
+            run(folders, out, "--num_samples", "1", "--save_as", "pt")
+        assert f"in use by another run (pid {holder.pid} on here" in str(e.value)
+        assert "\n" not in str(e.value) and not (out / "pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run(folders, out, "--num_samples", "1", "--save_as", "pt")
+    assert os.listdir(out / "pt") == ["sample_000000.pt"]
+    assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
