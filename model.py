@@ -1,30 +1,24 @@
 """The two networks of EchoNet-Synthetic's latent video diffusion model, written out in PyTorch.
 
 - `UNetSpatioTemporal`: the Stable Video Diffusion UNet (diffusers'
-  `UNetSpatioTemporalConditionModel`) that EchoNet-Synthetic's LVDM trains: 2D ResNet + spatial
-  attention blocks from Stable Diffusion, each followed by a temporal ResNet / temporal attention
-  branch and a learned mix of the two.
-- `AutoencoderKL`: the KL autoencoder (VAE) of latent diffusion that maps 112x112 echo frames to
-  4x14x14 latents and back.
-
+  `UNetSpatioTemporalConditionModel`) that the LVDM trains: 2D ResNet + spatial attention blocks,
+  each followed by a temporal ResNet / temporal attention branch and a learned mix of the two.
+- `AutoencoderKL`: the latent-diffusion VAE, 112x112 echo frames <-> 4x14x14 latents.
 Both load the published diffusers-format folders (`config.json` + safetensors) key for key and
-compute what diffusers computes, bit for bit in fp32 (tests/test_model.py).
+compute what diffusers 0.42.1 computes, bit for bit in fp32 (tests/test_model.py).
 
     python model.py                  # smoke run: build the "tiny" presets, one forward pass each
     python model.py --preset lvdm    # the paper's UNet (143.8 M parameters)
 
-References:
-  Reynaud et al. 2024, "EchoNet-Synthetic: Privacy-preserving video generation for safe medical
-    data sharing" (the LVDM and its configuration).
-  Blattmann et al. 2023, "Stable Video Diffusion" and "Align your Latents" (the spatio-temporal
-    UNet: spatial layers interleaved with temporal layers, mixed by a learned alpha).
-  Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (the VAE).
-  Vaswani et al. 2017 (attention); Shazeer 2020, "GLU Variants Improve Transformer" (GEGLU).
+References: Reynaud et al. 2024, "EchoNet-Synthetic: Privacy-preserving video generation for safe
+medical data sharing" (the LVDM, its configuration); Blattmann et al. 2023, "Stable Video
+Diffusion" and "Align your Latents" (spatial layers interleaved with temporal ones, mixed by a
+learned alpha); Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models" (the VAE); Vaswani et al. 2017 (attention); Shazeer 2020, "GLU Variants" (GEGLU).
 
-Shape legend: B batch, F frames, N = B*F frames folded into the batch, C channels, H/W latent
-height/width, L = H*W tokens of a frame, D width of the time embedding. `t` is diffusion time.
-Module attribute names are diffusers' (so state-dict keys match the checkpoints); clarity lives in
-class names, docstrings and shape comments instead.
+Shapes: B batch, F frames, N = B*F frames folded into the batch, C channels, H/W latent height/
+width, L = H*W tokens of a frame, D time-embedding width; `t` is diffusion time. Attribute names
+are diffusers' (so state-dict keys match the checkpoints); class names and comments explain.
 """
 
 import argparse
@@ -229,19 +223,17 @@ class TransformerSpatioTemporal(nn.Module):
         N, C, H, W = x.shape
         B, Fr, L = N // num_frames, num_frames, H * W
         # The temporal branch attends to the context of frame 0 of each video, at every pixel.
-        ctx_t = context.view(B, Fr, *context.shape[1:])[:, 0].repeat_interleave(L, dim=0)
-        # ctx_t: (B*L, S, Dc)
+        ctx_t = context[::Fr].repeat_interleave(L, dim=0)                # (B*L, S, Dc)
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(N, L, C))  # (N, L, inner)
         # The temporal branch sees a sinusoidal frame-index embedding (through time_pos_embed),
-        # computed on all N rows (0..F-1 repeated B times) as diffusers
-        # does: the rows are equal, but a matmul over F rows could round differently.
-        frame_ids = torch.arange(Fr, device=x.device).repeat(B)
-        pos = self.time_pos_embed(timestep_embedding(frame_ids, C).to(h.dtype))[:, None]
-        # pos: (N, 1, C)
+        # computed on all N rows (0..F-1 repeated B times) as diffusers does: the rows repeat,
+        # but a matmul over F rows could round differently.
+        frame_ids = torch.arange(Fr, device=x.device).repeat(B)          # 0..F-1, B times
+        pos = self.time_pos_embed(timestep_embedding(frame_ids, C).to(h.dtype))  # (N, C)
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
             h = block(h, context)                                            # (N, L, inner)
-            m = (h + pos).view(B, Fr, L, -1).transpose(1, 2).reshape(B * L, Fr, -1)  # per pixel
-            m = temporal_block(m, ctx_t)                                     # (B*L, F, inner)
+            m = (h + pos[:, None]).view(B, Fr, L, -1).transpose(1, 2)       # (B, L, F, inner)
+            m = temporal_block(m.reshape(B * L, Fr, -1), ctx_t)             # per pixel, over F
             m = m.view(B, L, Fr, -1).transpose(1, 2).reshape(N, L, -1)       # back per frame
             h = self.time_mixer(h, m)                                        # learned alpha
         h = self.proj_out(h).view(N, H, W, C).permute(0, 3, 1, 2)          # (N, C, H, W)
@@ -326,7 +318,7 @@ def run(module, checkpointed: bool, *args):
 
 
 class DownBlockSpatioTemporal(nn.Module):
-    """(ResNet [+ attention]) x n, then an optional stride-2 conv; returns the skips as well."""
+    """(ResNet [+ attention]) x n, then an optional stride-2 conv; each output is a skip."""
 
     def __init__(self, cin, cout, temb_dim, num_layers, add_downsample, attentions=None):
         super().__init__()
@@ -340,17 +332,16 @@ class DownBlockSpatioTemporal(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if add_downsample else None
         self.gradient_checkpointing = False
 
-    def forward(self, x, emb, context, num_frames):  # x: (N, Cin, H, W) -> (N, C, H/2, W/2)
-        skips = []
+    def forward(self, x, emb, context, num_frames, skips: list):  # x: (N, Cin, H, W)
         for i, resnet in enumerate(self.resnets):
             x = run(resnet, self.gradient_checkpointing, x, emb, num_frames)
             if self.attentions is not None:
                 x = run(self.attentions[i], self.gradient_checkpointing, x, context, num_frames)
-            skips.append(x)
+            skips.append(x)                                              # (N, C, H, W)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            x = self.downsamplers[0](x)                                  # (N, C, H/2, W/2)
             skips.append(x)
-        return x, skips
+        return x
 
 
 class UpBlockSpatioTemporal(nn.Module):
@@ -367,14 +358,16 @@ class UpBlockSpatioTemporal(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if add_upsample else None
         self.gradient_checkpointing = False
 
-    def forward(self, x, skips, emb, context, num_frames, upsample_size=None):
+    def forward(self, x, emb, context, num_frames, skips: list):
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips.pop()], dim=1)  # current features first, then the skip
             x = run(resnet, self.gradient_checkpointing, x, emb, num_frames)
             if self.attentions is not None:
                 x = run(self.attentions[i], self.gradient_checkpointing, x, context, num_frames)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
+            # to the size of the next skip: 2 -> 4 -> 7 -> 14 for 14x14 latents (14 -> 7 -> 4 -> 2
+            # going down); the same as 2x where the sizes divide
+            x = self.upsamplers[0](x, skips[-1].shape[2:])
         return x
 
 
@@ -398,11 +391,7 @@ class UNetMidBlockSpatioTemporal(nn.Module):
 # --- the UNet ----------------------------------------------------------------------------------
 
 class UNetSpatioTemporal(nn.Module):
-    """diffusers' UNetSpatioTemporalConditionModel: the denoiser of EchoNet-Synthetic's LVDM.
-
-    unet(sample [B, F, Cin, H, W], timestep (int, 0-dim or [B]), encoder_hidden_states [B, S, Dc],
-    added_time_ids [B, n_ids]) -> prediction [B, F, Cout, H, W]. Any F and any H, W work.
-    """
+    """diffusers' UNetSpatioTemporalConditionModel: the denoiser of EchoNet-Synthetic's LVDM."""
 
     class_name = "UNetSpatioTemporalConditionModel"
 
@@ -457,18 +446,16 @@ class UNetSpatioTemporal(nn.Module):
             block.gradient_checkpointing = enabled
 
     def unused_with_one_token(self):
-        """Parameters that get no gradient when encoder_hidden_states has one token (EchoNet):
-        each cross-attention's norm2, to_q and to_k (see Attention).
-
-        The trainer freezes them so DDP needs no unused-parameter search; they stay in the
-        checkpoint so the weights still load key for key.
-        """
+        """Parameters that get no gradient when encoder_hidden_states has one token (EchoNet)."""
+        # Each cross-attention's norm2, to_q and to_k (see Attention). The trainer freezes them
+        # so DDP needs no unused-parameter search; they stay in the checkpoints, key for key.
         return [p for b in self.modules() if isinstance(b, TransformerBlock)
                 for m in (b.norm2, b.attn2.to_q, b.attn2.to_k) for p in m.parameters()]
 
     def forward(self, sample, timestep, encoder_hidden_states, added_time_ids):
-        B, Fr, _, H, W = sample.shape
-        # Timesteps: a python int/float, a 0-dim tensor or one per video, broadcast to [B].
+        """sample [B, F, Cin, H, W] (any F, H, W), timestep (a number, 0-dim or [B]),
+        encoder_hidden_states [B, S, Dc], added_time_ids [B, n_ids] -> [B, F, Cout, H, W]."""
+        B, Fr = sample.shape[:2]
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
 
         # Time embedding plus the embedding of the added time ids. EchoNet passes one id with a
@@ -483,18 +470,12 @@ class UNetSpatioTemporal(nn.Module):
         emb = emb.repeat_interleave(Fr, dim=0)                                       # (N, D)
         context = encoder_hidden_states.repeat_interleave(Fr, dim=0)                 # (N, S, Dc)
 
-        skips = [x]
+        skips = [x]  # every output on the way down, concatenated back in on the way up
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context, Fr)
-            skips += block_skips
+            x = block(x, emb, context, Fr, skips)
         x = self.mid_block(x, emb, context, Fr)
-        # Sizes not divisible by 2^(number of upsamplers) (14x14 latents: 14 -> 7 -> 4 -> 2) are
-        # upsampled to the size of the next skip (2 -> 4 -> 7 -> 14) instead of by 2.
-        force_size = any(s % 2 ** (len(self.up_blocks) - 1) for s in (H, W))
         for block in self.up_blocks:
-            block_skips, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-            size = skips[-1].shape[2:] if force_size and block.upsamplers is not None else None
-            x = block(x, block_skips, emb, context, Fr, size)
+            x = block(x, emb, context, Fr, skips)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))                   # (N, Cout, H, W)
         return x.reshape(B, Fr, *x.shape[1:])                              # (B, F, Cout, H, W)
 
@@ -512,12 +493,10 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None) -> torch.Tensor:
-        """mean + std * eps, eps ~ N(0, I) drawn as diffusers' randn_tensor draws it.
-
-        `generator`: None, one torch.Generator, or a list with one per batch item (each item then
-        draws its own noise). Noise is drawn on the generator's device and moved to the latents',
-        so a CPU seed gives the same latents on any device.
-        """
+        """mean + std * eps, eps ~ N(0, I) drawn as diffusers' randn_tensor draws it."""
+        # generator: None, one, or a list with one per batch item (each item draws its own
+        # noise). Noise is drawn on the generator's device, so a CPU seed gives the same z on
+        # a GPU.
         gens = generator if isinstance(generator, list) else [generator]
         device = self.mean.device if gens[0] is None else gens[0].device
         shape = self.mean.shape if len(gens) == 1 else (1, *self.mean.shape[1:])
@@ -534,12 +513,11 @@ class DiagonalGaussian:
 
 
 class VAEAttention(Attention):
-    """Single-head self-attention over the h*w positions of a feature map, GroupNorm first,
-    plus a residual."""
+    """Single-head self-attention over the h*w positions of a feature map, plus a residual."""
 
     def forward(self, x):  # x: (B, C, h, w)
         B, C, h, w = x.shape
-        # The norm runs on the (B, C, h*w) view, as in diffusers: on a channels-last x (the
+        # GroupNorm first, on the (B, C, h*w) view as in diffusers: on a channels-last x (the
         # encoder's output is one) the 4D GroupNorm kernel would round differently.
         t = self.group_norm(x.view(B, C, h * w)).transpose(1, 2)        # (B, h*w, C)
         return super().forward(t).transpose(1, 2).reshape(B, C, h, w) + x
@@ -568,20 +546,15 @@ class VAEBlock(nn.Module):
 
     def __init__(self, cin, cout, num_layers, groups, down=False, up=False):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(cin if i == 0 else cout, cout, None, 1e-6, groups)
-             for i in range(num_layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(cout, padding=0)]) if down else None
-        self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if up else None
+        self.resnets = nn.Sequential(
+            *[ResnetBlock(cin if i == 0 else cout, cout, None, 1e-6, groups)
+              for i in range(num_layers)])
+        self.downsamplers = nn.Sequential(Downsample2D(cout, padding=0)) if down else None
+        self.upsamplers = nn.Sequential(Upsample2D(cout)) if up else None
 
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+    def forward(self, x):  # x: (B, Cin, H, W) -> (B, C, H, W), or at half or twice the size
+        resample = self.downsamplers or self.upsamplers  # one, the other or neither
+        return self.resnets(x) if resample is None else resample(self.resnets(x))
 
 
 class Encoder(nn.Module):
@@ -591,18 +564,15 @@ class Encoder(nn.Module):
         super().__init__()
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(
-            [VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, down=i < n - 1)
-             for i in range(n)])
+        self.down_blocks = nn.Sequential(
+            *[VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, down=i < n - 1)
+              for i in range(n)])
         self.mid_block = VAEMidBlock(ch[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+        x = self.mid_block(self.down_blocks(self.conv_in(x)))           # (B, C, h, w)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
@@ -613,37 +583,30 @@ class Decoder(nn.Module):
         super().__init__()
         rch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.latent_channels, rch[0], 3, padding=1)
-        self.up_blocks = nn.ModuleList(  # registered before mid_block: diffusers' key order
-            [VAEBlock(rch[max(i - 1, 0)], rch[i], c.layers_per_block + 1, g, up=i < n - 1)
-             for i in range(n)])
+        self.up_blocks = nn.Sequential(  # registered before mid_block: diffusers' key order
+            *[VAEBlock(rch[max(i - 1, 0)], rch[i], c.layers_per_block + 1, g, up=i < n - 1)
+              for i in range(n)])
         self.mid_block = VAEMidBlock(rch[0], g, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, rch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(rch[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+        x = self.up_blocks(self.mid_block(self.conv_in(z)))            # (B, C, H, W)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nn.Module):
-    """diffusers' AutoencoderKL: encode(x) -> DiagonalGaussian posterior, decode(z) -> image.
-
-    Images are in [-1, 1]. The UNet works on z * config.scaling_factor; divide before decoding.
-    """
+    """diffusers' AutoencoderKL: encode(x) -> DiagonalGaussian posterior, decode(z) -> image."""
 
     class_name = "AutoencoderKL"
 
     def __init__(self, config: VAEConfig):
         super().__init__()
         c = self.config = config
-        if (set(c.down_block_types), set(c.up_block_types)) != ({"DownEncoderBlock2D"},
-                                                                {"UpDecoderBlock2D"}):
-            raise ValueError(f"unsupported VAE blocks {c.down_block_types} / {c.up_block_types}; "
-                             "use DownEncoderBlock2D / UpDecoderBlock2D")
-        if c.act_fn != "silu":
-            raise ValueError(f"unsupported VAE act_fn {c.act_fn!r}; only 'silu' is implemented")
+        kinds = (set(c.down_block_types), set(c.up_block_types), c.act_fn)
+        if kinds != ({"DownEncoderBlock2D"}, {"UpDecoderBlock2D"}, "silu"):
+            raise ValueError(f"unsupported VAE {kinds}: this one has DownEncoderBlock2D, "
+                             "UpDecoderBlock2D and act_fn silu only")
         if len(c.down_block_types) != len(c.block_out_channels):
             raise ValueError("the VAE needs one down block type per block_out_channels entry")
         self.encoder = Encoder(c)
@@ -658,7 +621,10 @@ class AutoencoderKL(nn.Module):
         save_pretrained(self, path)
 
     def encode(self, x) -> DiagonalGaussian:
-        """x [B, 3, H, W] in [-1, 1] -> posterior over z [B, latent, H / 8, W / 8] (4 blocks)."""
+        """x [B, 3, H, W] in [-1, 1] -> posterior over z [B, latent, H / 8, W / 8] (4 blocks).
+
+        The UNet works on z * config.scaling_factor; divide by it again before decoding.
+        """
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -729,10 +695,7 @@ def read_weights(path: str) -> tuple[dict, str]:
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-        return state, index
+        return {k: v for s in shards for k, v in load_file(os.path.join(path, s)).items()}, index
     if os.path.isfile(binary):  # never unpickle arbitrary objects
         return torch.load(binary, map_location="cpu", weights_only=True), binary
     raise ModelLoadError(
