@@ -84,11 +84,10 @@ class VAEConfig:
 
 def per_block(value, n: int) -> list:
     """An int (or other scalar) repeated n times, or a per-block list checked to have n entries."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"expected {n} per-block values, got {list(value)}")
-        return list(value)
-    return [value] * n
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"expected {n} per-block values, got {values}")
+    return values
 
 
 # --- building blocks, smallest first -----------------------------------------------------------
@@ -107,7 +106,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear: the MLP applied to a sinusoidal embedding."""
-
     def __init__(self, in_dim: int, dim: int, out_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
@@ -119,7 +117,6 @@ class TimestepEmbedding(nn.Module):
 
 class AlphaBlender(nn.Module):
     """a * x_spatial + (1 - a) * x_temporal with a = sigmoid(mix_factor), learned (init 0.5)."""
-
     def __init__(self, alpha: float = 0.5):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.tensor([alpha]))
@@ -133,7 +130,6 @@ class AlphaBlender(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) of L tokens to themselves or to S others."""
-
     def __init__(self, dim: int, heads: int, head_dim: int, bias: bool = False, groups: int = 0,
                  context_dim: int | None = None):
         super().__init__()
@@ -165,7 +161,6 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """GEGLU feed-forward (Shazeer 2020): Linear to 2 x 4C, value * GELU(gate), Linear back to C."""
-
     def __init__(self, dim: int):
         super().__init__()
         # diffusers' keys: net.0.proj in its GEGLU module, net.1 a Dropout(0), net.2 the output
@@ -179,7 +174,6 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer layer: self-attention, cross-attention to the context, GEGLU MLP."""
-
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, temporal: bool):
         super().__init__()
         # Spatial (diffusers' BasicTransformerBlock): over the L tokens of each frame. Temporal
@@ -203,46 +197,42 @@ class TransformerBlock(nn.Module):
 
 class TransformerSpatioTemporal(nn.Module):
     """Attention module: a spatial transformer per frame, a temporal one per pixel, blended."""
-
     def __init__(self, channels: int, heads: int, num_layers: int, context_dim: int):
         super().__init__()
-        head_dim = channels // heads
-        inner = heads * head_dim
+        args = (channels, heads, channels // heads, context_dim)  # heads of channels/heads each
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
-        args = (inner, heads, head_dim, context_dim)
+        self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(*args, temporal=False) for _ in range(num_layers)])
         self.temporal_transformer_blocks = nn.ModuleList(
             [TransformerBlock(*args, temporal=True) for _ in range(num_layers)])
         self.time_pos_embed = TimestepEmbedding(channels, 4 * channels, out_dim=channels)
         self.time_mixer = AlphaBlender()
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x, context, num_frames: int):  # x: (N, C, H, W), context: (N, S, Dc)
         N, C, H, W = x.shape
         B, Fr, L = N // num_frames, num_frames, H * W
         # The temporal branch attends to the context of frame 0 of each video, at every pixel.
         ctx_t = context[::Fr].repeat_interleave(L, dim=0)                # (B*L, S, Dc)
-        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(N, L, C))  # (N, L, inner)
+        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(N, L, C))  # (N, L, C)
         # The temporal branch sees a sinusoidal frame-index embedding (through time_pos_embed),
         # computed on all N rows (0..F-1 repeated B times) as diffusers does: the rows repeat,
         # but a matmul over F rows could round differently.
         frame_ids = torch.arange(Fr, device=x.device).repeat(B)          # 0..F-1, B times
         pos = self.time_pos_embed(timestep_embedding(frame_ids, C).to(h.dtype))  # (N, C)
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-            h = block(h, context)                                            # (N, L, inner)
-            m = (h + pos[:, None]).view(B, Fr, L, -1).transpose(1, 2)       # (B, L, F, inner)
-            m = temporal_block(m.reshape(B * L, Fr, -1), ctx_t)             # per pixel, over F
-            m = m.view(B, L, Fr, -1).transpose(1, 2).reshape(N, L, -1)       # back per frame
-            h = self.time_mixer(h, m)                                        # learned alpha
+            h = block(h, context)                                           # (N, L, C)
+            m = (h + pos[:, None]).view(B, Fr, L, C).transpose(1, 2)       # (B, L, F, C)
+            m = temporal_block(m.reshape(B * L, Fr, C), ctx_t)             # per pixel, over F
+            m = m.view(B, L, Fr, C).transpose(1, 2).reshape(N, L, C)       # back per frame
+            h = self.time_mixer(h, m)                                       # learned alpha
         h = self.proj_out(h).view(N, H, W, C).permute(0, 3, 1, 2)          # (N, C, H, W)
         return h.contiguous() + x
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, plus a skip: 3x3 convs per frame, or (3, 1, 1) in time."""
-
     def __init__(self, cin, cout, temb_dim: int | None, eps: float, groups=32, temporal=False):
         super().__init__()
         # diffusers' ResnetBlock2D on frames x: (N, Cin, H, W) with emb: (N, D), or with
@@ -267,7 +257,6 @@ class ResnetBlock(nn.Module):
 
 class SpatioTemporalResBlock(nn.Module):
     """A 2D ResNet block per frame, then a temporal ResNet block, blended by a learned alpha."""
-
     def __init__(self, cin: int, cout: int, temb_dim: int, eps: float):
         super().__init__()
         self.spatial_res_block = ResnetBlock(cin, cout, temb_dim, eps)
@@ -286,7 +275,6 @@ class SpatioTemporalResBlock(nn.Module):
 
 class Downsample2D(nn.Module):
     """3x3 conv with stride 2. padding=0 (the VAE) pads right and bottom by one pixel first."""
-
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
@@ -300,7 +288,6 @@ class Downsample2D(nn.Module):
 
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling (2x, or to an explicit size) followed by a 3x3 conv."""
-
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -319,7 +306,6 @@ def run(module, checkpointed: bool, *args):
 
 class DownBlockSpatioTemporal(nn.Module):
     """(ResNet [+ attention]) x n, then an optional stride-2 conv; each output is a skip."""
-
     def __init__(self, cin, cout, temb_dim, num_layers, add_downsample, attentions=None):
         super().__init__()
         # diffusers' GroupNorm eps quirk, reproduced: 1e-6 in the blocks with attention, 1e-5 in
@@ -346,7 +332,6 @@ class DownBlockSpatioTemporal(nn.Module):
 
 class UpBlockSpatioTemporal(nn.Module):
     """(concat a skip -> ResNet [+ attention]) x n, then an optional 2x upsampling; eps 1e-6."""
-
     def __init__(self, cin, cprev, cout, temb_dim, num_layers, add_upsample, attentions=None):
         super().__init__()
         self.attentions = attentions
@@ -373,7 +358,6 @@ class UpBlockSpatioTemporal(nn.Module):
 
 class UNetMidBlockSpatioTemporal(nn.Module):
     """Middle of the UNet: ResNet, attention, ResNet at the lowest resolution (eps 1e-5)."""
-
     def __init__(self, channels, temb_dim, attentions):
         super().__init__()
         self.attentions = attentions
@@ -392,17 +376,16 @@ class UNetMidBlockSpatioTemporal(nn.Module):
 
 class UNetSpatioTemporal(nn.Module):
     """diffusers' UNetSpatioTemporalConditionModel: the denoiser of EchoNet-Synthetic's LVDM."""
-
     class_name = "UNetSpatioTemporalConditionModel"
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
         n = len(c.block_out_channels)
-        if len(c.down_block_types) != n or len(c.up_block_types) != n:
-            raise ValueError(
-                "down_block_types, up_block_types and block_out_channels need the same length, "
-                f"got {len(c.down_block_types)}, {len(c.up_block_types)}, {n}")
+        lengths = (len(c.down_block_types), len(c.up_block_types), n)
+        if lengths != (n, n, n):
+            raise ValueError(f"down_block_types, up_block_types and block_out_channels need the "
+                             f"same length, got {lengths}")
         kinds = {XDOWN: True, DOWN: False, XUP: True, UP: False}  # name -> with attention
         for name in (*c.down_block_types, *c.up_block_types):
             if name not in kinds:
@@ -484,7 +467,6 @@ class UNetSpatioTemporal(nn.Module):
 
 class DiagonalGaussian:
     """The encoder's posterior q(z | x) = N(mean, std^2) (Kingma & Welling 2014)."""
-
     def __init__(self, moments: torch.Tensor):  # moments: (B, 2 * latent, h, w)
         self.moments = moments
         self.mean, logvar = moments.chunk(2, dim=1)
@@ -514,7 +496,6 @@ class DiagonalGaussian:
 
 class VAEAttention(Attention):
     """Single-head self-attention over the h*w positions of a feature map, plus a residual."""
-
     def forward(self, x):  # x: (B, C, h, w)
         B, C, h, w = x.shape
         # GroupNorm first, on the (B, C, h*w) view as in diffusers: on a channels-last x (the
@@ -525,12 +506,10 @@ class VAEAttention(Attention):
 
 class VAEMidBlock(nn.Module):
     """ResNet, optional self-attention, ResNet at the VAE's lowest resolution."""
-
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
-        self.attentions = None
-        if attention:  # one head as wide as the features
-            self.attentions = nn.ModuleList([VAEAttention(channels, 1, channels, True, groups)])
+        one_head = [VAEAttention(channels, 1, channels, True, groups)] if attention else []
+        self.attentions = nn.ModuleList(one_head) if attention else None  # one head of width C
         self.resnets = nn.ModuleList(
             [ResnetBlock(channels, channels, None, 1e-6, groups) for _ in range(2)])
 
@@ -543,7 +522,6 @@ class VAEMidBlock(nn.Module):
 
 class VAEBlock(nn.Module):
     """Encoder (DownEncoderBlock2D) or decoder (UpDecoderBlock2D) block: ResNets + resampling."""
-
     def __init__(self, cin, cout, num_layers, groups, down=False, up=False):
         super().__init__()
         self.resnets = nn.Sequential(
@@ -559,7 +537,6 @@ class VAEBlock(nn.Module):
 
 class Encoder(nn.Module):
     """Image [B, 3, H, W] -> moments [B, 2 * latent, H / 2^k, W / 2^k] (mean and log-variance)."""
-
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
@@ -578,7 +555,6 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent [B, latent, h, w] -> image [B, 3, h * 2^k, w * 2^k]."""
-
     def __init__(self, c: VAEConfig):
         super().__init__()
         rch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
@@ -597,7 +573,6 @@ class Decoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL: encode(x) -> DiagonalGaussian posterior, decode(z) -> image."""
-
     class_name = "AutoencoderKL"
 
     def __init__(self, config: VAEConfig):
@@ -625,16 +600,12 @@ class AutoencoderKL(nn.Module):
 
         The UNet works on z * config.scaling_factor; divide by it again before decoding.
         """
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        moments = self.encoder(x)                                        # (B, 2 * latent, h, w)
+        return DiagonalGaussian(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z) -> torch.Tensor:
         """z [B, latent, h, w] (already divided by scaling_factor) -> image [B, 3, H, W]."""
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(self, x, sample_posterior: bool = False, generator=None):
         """Reconstruction: decode(mode) or decode(sample) of encode(x), and the posterior."""
@@ -675,11 +646,10 @@ def config_to_dict(model: nn.Module) -> dict:
 def save_pretrained(model: nn.Module, path: str):
     """Write path/config.json + path/diffusion_pytorch_model.safetensors (diffusers loads it)."""
     os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, ".tmp")  # each file is written whole, then renamed into place
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = os.path.join(path, f".{WEIGHTS_NAME}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-    tmp = os.path.join(path, ".config.json.tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(config_to_dict(model), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, os.path.join(path, "config.json"))
@@ -805,11 +775,10 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     unet = UNetSpatioTemporal(UNET_PRESETS[args.preset]).eval()
     vae = AutoencoderKL(VAE_PRESETS["echonet" if args.preset == "lvdm" else args.preset]).eval()
+    x = torch.randn(1, args.frames, 8, 14, 14)                      # noisy latents + cond frame
     with torch.no_grad():
-        x = torch.randn(1, args.frames, 8, 14, 14)                  # noisy latents + cond frame
         v = unet(x, 500, torch.full((1, 1, 1), 0.55), torch.zeros(1, 1))  # t = 500, EF 55 %
         z = vae.encode(torch.rand(2, 3, 112, 112) * 2 - 1).sample()     # frames in [-1, 1]
-        img = vae.decode(z)
-    print(f"UNet {args.preset}: {count_parameters(unet):,} parameters, {list(x.shape)} -> "
-          f"{list(v.shape)}\nVAE: {count_parameters(vae):,} parameters, [2, 3, 112, 112] -> "
-          f"{list(z.shape)} -> {list(img.shape)}")
+        print(f"UNet {args.preset}: {count_parameters(unet):,} parameters, {list(x.shape)} -> "
+              f"{list(v.shape)}\nVAE: {count_parameters(vae):,} parameters, [2, 3, 112, 112] -> "
+              f"{list(z.shape)} -> {list(vae.decode(z).shape)}")
