@@ -174,16 +174,16 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer layer: self-attention, cross-attention to the context, GEGLU MLP."""
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, temporal: bool):
+    def __init__(self, dim: int, heads: int, context_dim: int, temporal: bool):
         super().__init__()
         # Spatial (diffusers' BasicTransformerBlock): over the L tokens of each frame. Temporal
         # (TemporalBasicTransformerBlock): over the F frames at each pixel, with a GEGLU first.
         self.norm_in = nn.LayerNorm(dim) if temporal else None
         self.ff_in = FeedForward(dim) if temporal else None
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -199,13 +199,12 @@ class TransformerSpatioTemporal(nn.Module):
     """Attention module: a spatial transformer per frame, a temporal one per pixel, blended."""
     def __init__(self, channels: int, heads: int, num_layers: int, context_dim: int):
         super().__init__()
-        args = (channels, heads, channels // heads, context_dim)  # heads of channels/heads each
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(*args, temporal=False) for _ in range(num_layers)])
+            [TransformerBlock(channels, heads, context_dim, False) for _ in range(num_layers)])
         self.temporal_transformer_blocks = nn.ModuleList(
-            [TransformerBlock(*args, temporal=True) for _ in range(num_layers)])
+            [TransformerBlock(channels, heads, context_dim, True) for _ in range(num_layers)])
         self.time_pos_embed = TimestepEmbedding(channels, 4 * channels, out_dim=channels)
         self.time_mixer = AlphaBlender()
         self.proj_out = nn.Linear(channels, channels)
@@ -265,12 +264,10 @@ class SpatioTemporalResBlock(nn.Module):
 
     def forward(self, x, emb, num_frames: int):  # x: (N, Cin, H, W), emb: (N, D)
         xs = self.spatial_res_block(x, emb)                              # (N, C, H, W)
-        N, C, H, W = xs.shape
-        B = N // num_frames
-        s = xs.view(B, num_frames, C, H, W).transpose(1, 2)              # (B, C, F, H, W) view
-        t = self.temporal_res_block(s, emb.view(B, num_frames, -1))
-        out = self.time_mixer(s, t)                                      # (B, C, F, H, W)
-        return out.transpose(1, 2).reshape(N, C, H, W)
+        B = xs.shape[0] // num_frames
+        s = xs.view(B, num_frames, *xs.shape[1:]).transpose(1, 2)        # (B, C, F, H, W) view
+        t = self.temporal_res_block(s, emb.view(B, num_frames, -1))      # (B, C, F, H, W)
+        return self.time_mixer(s, t).transpose(1, 2).reshape(xs.shape)   # (N, C, H, W)
 
 
 class Downsample2D(nn.Module):
@@ -476,13 +473,12 @@ class DiagonalGaussian:
 
     def sample(self, generator=None) -> torch.Tensor:
         """mean + std * eps, eps ~ N(0, I) drawn as diffusers' randn_tensor draws it."""
-        # generator: None, one, or a list with one per batch item (each item draws its own
-        # noise). Noise is drawn on the generator's device, so a CPU seed gives the same z on
-        # a GPU.
+        # generator: None, one, or a list with one per batch item (each its own noise), drawn on
+        # the generator's device: a CPU seed gives the same z on a GPU.
         gens = generator if isinstance(generator, list) else [generator]
-        device = self.mean.device if gens[0] is None else gens[0].device
         shape = self.mean.shape if len(gens) == 1 else (1, *self.mean.shape[1:])
-        eps = torch.cat([torch.randn(shape, generator=g, device=device, dtype=self.mean.dtype)
+        eps = torch.cat([torch.randn(shape, generator=g, dtype=self.mean.dtype,
+                                     device=self.mean.device if g is None else g.device)
                          for g in gens])
         return self.mean + self.std * eps.to(self.mean.device)
 
@@ -508,8 +504,8 @@ class VAEMidBlock(nn.Module):
     """ResNet, optional self-attention, ResNet at the VAE's lowest resolution."""
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
-        one_head = [VAEAttention(channels, 1, channels, True, groups)] if attention else []
-        self.attentions = nn.ModuleList(one_head) if attention else None  # one head of width C
+        self.attentions = (nn.ModuleList([VAEAttention(channels, 1, channels, bias=True,
+                                                       groups=groups)]) if attention else None)
         self.resnets = nn.ModuleList(
             [ResnetBlock(channels, channels, None, 1e-6, groups) for _ in range(2)])
 
@@ -586,10 +582,9 @@ class AutoencoderKL(nn.Module):
             raise ValueError("the VAE needs one down block type per block_out_channels entry")
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
-        k = 2 * c.latent_channels
-        self.quant_conv = nn.Conv2d(k, k, 1) if c.use_quant_conv else None
-        self.post_quant_conv = (nn.Conv2d(c.latent_channels, c.latent_channels, 1)
-                                if c.use_post_quant_conv else None)
+        k = c.latent_channels
+        self.quant_conv = nn.Conv2d(2 * k, 2 * k, 1) if c.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(k, k, 1) if c.use_post_quant_conv else None
 
     def save_pretrained(self, path: str):
         """Write a diffusers-format model folder (see `save_pretrained` below)."""
@@ -658,8 +653,7 @@ def save_pretrained(model: nn.Module, path: str):
 def read_weights(path: str) -> tuple[dict, str]:
     """The state dict of a model folder and the file it came from (safetensors, sharded, .bin)."""
     single = os.path.join(path, WEIGHTS_NAME)
-    index = single + ".index.json"
-    binary = os.path.join(path, WEIGHTS_NAME_BIN)
+    index, binary = single + ".index.json", os.path.join(path, WEIGHTS_NAME_BIN)
     if os.path.isfile(single):
         return load_file(single), single
     if os.path.isfile(index):
@@ -721,8 +715,7 @@ def rename_legacy(key: str) -> str:
     parts = key.split(".")
     if "mid_block" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION:
         parts[-2] = LEGACY_ATTENTION[parts[-2]]
-        return ".".join(parts)
-    return key
+    return ".".join(parts)
 
 
 def shorten(keys: list, n: int = 8) -> str:

@@ -1,9 +1,12 @@
 """Speed and memory of our UNet against diffusers' UNetSpatioTemporalConditionModel.
 
 Both hold the same weights (a folder written by diffusers, loaded with model.load_model) and see
-the same inputs; runs alternate between the two in one process and the median is reported.
+the same inputs; runs alternate between the two in one process and the median is reported, with
+the spread of the per-pair speed-ups (diffusers' time / ours, each pair of neighbouring runs):
+on a shared machine the load drifts, and a pair sees about the same load.
 
     python benchmarks/bench_model.py                       # paper config, 1 x 16 frames, 16x16
+    python benchmarks/bench_model.py --frames 8 --threads 1
     python benchmarks/bench_model.py --preset small --frames 32 --batch 2
     python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 4 --frames 64  # GPU
 
@@ -11,9 +14,10 @@ Memory: the activations autograd saves for the backward pass (distinct storages,
 excluded), which is what grows with batch and frames in training; on CUDA also the peak of
 torch.cuda.max_memory_allocated over one forward + backward.
 
-On CPU the process CPU time (less sensitive to a busy host than wall time) and the minor page
-faults per call are reported too: fresh activation memory costs a fault per 4 KiB page, so a
-model that allocates less also waits less on the kernel.
+On CPU the process CPU time (less sensitive to a busy host than wall time; with --threads 1 it
+counts no time spent spinning at thread barriers) and the minor page faults per call are reported
+too: fresh activation memory costs a fault per 4 KiB page, so a model that allocates less also
+waits less on the kernel.
 """
 
 import argparse
@@ -73,6 +77,12 @@ def cuda_peak(net, fn):
     fn(net)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def spread(times):
+    """'(pairs a-b)': the lowest and highest speed-up over the pairs of neighbouring runs."""
+    pairs = [d / o for d, o in zip(times["diffusers"], times["ours"])]
+    return f"(pairs {min(pairs):.2f}-{max(pairs):.2f})"
 
 
 def main():
@@ -137,13 +147,13 @@ def main():
         med = {name: statistics.median(ts) for name, ts in wall.items()}
         print(f"{mode:17s} diffusers {med['diffusers']:.3f} s   ours {med['ours']:.3f} s   "
               f"ours/diffusers {med['ours'] / med['diffusers']:.3f}   "
-              f"speed-up {med['diffusers'] / med['ours']:.2f}x")
+              f"speed-up {med['diffusers'] / med['ours']:.2f}x {spread(wall)}")
         if args.device == "cpu":
             c = {name: statistics.median(ts) for name, ts in cpu.items()}
             f = {name: statistics.median(ts) for name, ts in faults.items()}
             print(f"{'':17s} CPU time: diffusers {c['diffusers']:.3f} s   ours {c['ours']:.3f} s   "
-                  f"speed-up {c['diffusers'] / c['ours']:.2f}x   page faults per call: "
-                  f"diffusers {f['diffusers']:.0f}   ours {f['ours']:.0f}")
+                  f"speed-up {c['diffusers'] / c['ours']:.2f}x {spread(cpu)}   page faults per "
+                  f"call: diffusers {f['diffusers']:.0f}   ours {f['ours']:.0f}")
     saved = {name: saved_for_backward(net, forward) for name, net in nets.items()}
     print(f"activations saved for backward: diffusers {saved['diffusers'] / 2**20:.0f} MiB   "
           f"ours {saved['ours'] / 2**20:.0f} MiB   "
