@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 # --- config ------------------------------------------------------------------------------------
 # Field names and defaults are diffusers' (a config.json missing a field takes diffusers' default);
-# the EchoNet-Synthetic values are the presets at the end of the file.
+# the EchoNet-Synthetic values are the presets below.
 
 # The UNet's block types (diffusers' names): with attention (CrossAttn...) or ResNets only.
 XDOWN, DOWN = "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"
@@ -80,6 +80,36 @@ class VAEConfig:
     use_quant_conv: bool = True           # 1x1 conv on the encoder's moments
     use_post_quant_conv: bool = True      # 1x1 conv on the latent before decoding
     mid_block_add_attention: bool = True  # one self-attention in each mid block
+
+
+# "lvdm": EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml (143,830,186 parameters).
+# "echonet": the published VAE (62,412,007 parameters, 112x112 -> 4x14x14).
+# The small presets train on a CPU for the demo and the tests.
+# EchoNet's conditioning: the EF as one 1-wide token, one added time id (whose embedding is 0).
+ECHONET = dict(sample_size=14, cross_attention_dim=1, addition_time_embed_dim=1,
+               projection_class_embeddings_input_dim=1)
+UNET_PRESETS = {
+    "lvdm": UNetConfig(block_out_channels=(128, 256, 256, 512), num_attention_heads=(8, 16, 16, 32),
+                       layers_per_block=2, num_frames=64, **ECHONET),
+    "small": UNetConfig(block_out_channels=(64, 128, 128), num_attention_heads=(4, 8, 8),
+                        down_block_types=(XDOWN, XDOWN, DOWN), up_block_types=(UP, XUP, XUP),
+                        layers_per_block=1, num_frames=32, **ECHONET),
+    "phantom": UNetConfig(  # the CPU demo's: 2 resolutions, about 1.3 M parameters
+        block_out_channels=(32, 64), num_attention_heads=(2, 4), down_block_types=(XDOWN, XDOWN),
+        up_block_types=(XUP, XUP), layers_per_block=1, num_frames=24, **ECHONET),
+    "tiny": UNetConfig(block_out_channels=(32, 64), num_attention_heads=(2, 4),
+                       down_block_types=(XDOWN, DOWN), up_block_types=(UP, XUP),
+                       layers_per_block=1, num_frames=8, **ECHONET),
+}
+VAE4 = dict(sample_size=112, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4)  # 4 resolutions: 112x112 -> 14x14
+VAE_PRESETS = {
+    "echonet": VAEConfig(block_out_channels=(128, 256, 256, 512), layers_per_block=2, **VAE4),
+    "small": VAEConfig(block_out_channels=(32, 64, 64, 64), **VAE4),
+    "phantom": VAEConfig(block_out_channels=(16, 32, 32, 64), norm_num_groups=8,  # the demo's:
+                         mid_block_add_attention=False, **VAE4),  # 8 groups fit 16 channels
+    "tiny": VAEConfig(block_out_channels=(32, 32, 32, 32), **VAE4),
+}
 
 
 def per_block(value, n: int) -> list:
@@ -130,22 +160,20 @@ class AlphaBlender(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) of L tokens to themselves or to S others."""
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool = False, groups: int = 0,
-                 context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, bias=False, groups=0, context_dim: int | None = None):
         super().__init__()
-        inner = heads * head_dim
-        self.heads = heads
+        self.heads = heads  # each of width dim / heads
         self.group_norm = nn.GroupNorm(groups, dim, eps=1e-6) if groups else None  # VAE only
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # diffusers' to_out.1 is Dropout(0)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is Dropout(0)
 
     def forward(self, x, context=None):  # x: (B, L, C), context: (B, S, Dc) or None
         B, L, _ = x.shape
         context = x if context is None else context
         S = context.shape[1]
-        v = self.to_v(context)                                           # (B, S, inner)
+        v = self.to_v(context)                                           # (B, S, C)
         if S == 1:
             # One context token (EchoNet's EF): softmax over a single key is exactly 1, so every
             # query receives that token's value, whatever the queries; to_q, to_k and the norm
@@ -181,9 +209,9 @@ class TransformerBlock(nn.Module):
         self.norm_in = nn.LayerNorm(dim) if temporal else None
         self.ff_in = FeedForward(dim) if temporal else None
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim // heads)
+        self.attn1 = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -277,10 +305,8 @@ class Downsample2D(nn.Module):
         self.padding = padding
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
-    def forward(self, x):
-        if self.padding == 0:
-            x = F.pad(x, (0, 1, 0, 1))  # asymmetric, as in the original LDM autoencoder
-        return self.conv(x)
+    def forward(self, x):  # the VAE's padding is asymmetric, as in the original LDM autoencoder
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
 
 
 class Upsample2D(nn.Module):
@@ -296,9 +322,8 @@ class Upsample2D(nn.Module):
 
 def run(module, checkpointed: bool, *args):
     """module(*args), with activation checkpointing when asked for and gradients are on."""
-    if checkpointed and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
+    checkpointed = checkpointed and torch.is_grad_enabled()  # recompute it in the backward pass
+    return checkpoint(module, *args, use_reentrant=False) if checkpointed else module(*args)
 
 
 class DownBlockSpatioTemporal(nn.Module):
@@ -363,10 +388,9 @@ class UNetMidBlockSpatioTemporal(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, emb, context, num_frames):
-        ckpt = self.gradient_checkpointing
-        x = run(self.resnets[0], ckpt, x, emb, num_frames)
-        x = run(self.attentions[0], ckpt, x, context, num_frames)
-        return run(self.resnets[1], ckpt, x, emb, num_frames)
+        x = run(self.resnets[0], self.gradient_checkpointing, x, emb, num_frames)
+        x = run(self.attentions[0], self.gradient_checkpointing, x, context, num_frames)
+        return run(self.resnets[1], self.gradient_checkpointing, x, emb, num_frames)
 
 
 # --- the UNet ----------------------------------------------------------------------------------
@@ -415,10 +439,6 @@ class UNetSpatioTemporal(nn.Module):
                 attentions(kind, j, layers[j] + 1)))
         self.conv_norm_out = nn.GroupNorm(32, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
-
-    def save_pretrained(self, path: str):
-        """Write a diffusers-format model folder (see `save_pretrained` below)."""
-        save_pretrained(self, path)
 
     def set_gradient_checkpointing(self, enabled: bool = True):
         """Recompute each ResNet and attention module in the backward pass to save memory."""
@@ -469,7 +489,6 @@ class DiagonalGaussian:
         self.mean, logvar = moments.chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None) -> torch.Tensor:
         """mean + std * eps, eps ~ N(0, I) drawn as diffusers' randn_tensor draws it."""
@@ -487,7 +506,7 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per item, summed over latent elements: [B]."""
-        return 0.5 * torch.sum(self.mean**2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum(self.mean**2 + self.logvar.exp() - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
 class VAEAttention(Attention):
@@ -504,8 +523,8 @@ class VAEMidBlock(nn.Module):
     """ResNet, optional self-attention, ResNet at the VAE's lowest resolution."""
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
-        self.attentions = (nn.ModuleList([VAEAttention(channels, 1, channels, bias=True,
-                                                       groups=groups)]) if attention else None)
+        one_head = VAEAttention(channels, 1, bias=True, groups=groups)
+        self.attentions = nn.ModuleList([one_head]) if attention else None
         self.resnets = nn.ModuleList(
             [ResnetBlock(channels, channels, None, 1e-6, groups) for _ in range(2)])
 
@@ -586,10 +605,6 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * k, 2 * k, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(k, k, 1) if c.use_post_quant_conv else None
 
-    def save_pretrained(self, path: str):
-        """Write a diffusers-format model folder (see `save_pretrained` below)."""
-        save_pretrained(self, path)
-
     def encode(self, x) -> DiagonalGaussian:
         """x [B, 3, H, W] in [-1, 1] -> posterior over z [B, latent, H / 8, W / 8] (4 blocks).
 
@@ -648,6 +663,9 @@ def save_pretrained(model: nn.Module, path: str):
     with open(tmp, "w") as f:
         f.write(json.dumps(config_to_dict(model), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, os.path.join(path, "config.json"))
+
+# As in diffusers, each model class has it as a method: unet.save_pretrained(path).
+UNetSpatioTemporal.save_pretrained = AutoencoderKL.save_pretrained = save_pretrained
 
 
 def read_weights(path: str) -> tuple[dict, str]:
@@ -722,39 +740,6 @@ def shorten(keys: list, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
 
 
-# --- presets -----------------------------------------------------------------------------------
-# "lvdm": EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml (143,830,186 parameters).
-# "echonet": the published VAE (62,412,007 parameters, 112x112 -> 4x14x14).
-# The small presets train on a CPU for the demo and the tests.
-
-# EchoNet's conditioning: the EF as one 1-wide token, one added time id (whose embedding is 0).
-ECHONET = dict(sample_size=14, cross_attention_dim=1, addition_time_embed_dim=1,
-               projection_class_embeddings_input_dim=1)
-UNET_PRESETS = {
-    "lvdm": UNetConfig(block_out_channels=(128, 256, 256, 512), num_attention_heads=(8, 16, 16, 32),
-                       layers_per_block=2, num_frames=64, **ECHONET),
-    "small": UNetConfig(block_out_channels=(64, 128, 128), num_attention_heads=(4, 8, 8),
-                        down_block_types=(XDOWN, XDOWN, DOWN), up_block_types=(UP, XUP, XUP),
-                        layers_per_block=1, num_frames=32, **ECHONET),
-    "phantom": UNetConfig(  # the CPU demo's: 2 resolutions, about 1.3 M parameters
-        block_out_channels=(32, 64), num_attention_heads=(2, 4), down_block_types=(XDOWN, XDOWN),
-        up_block_types=(XUP, XUP), layers_per_block=1, num_frames=24, **ECHONET),
-    "tiny": UNetConfig(block_out_channels=(32, 64), num_attention_heads=(2, 4),
-                       down_block_types=(XDOWN, DOWN), up_block_types=(UP, XUP),
-                       layers_per_block=1, num_frames=8, **ECHONET),
-}
-VAE4 = dict(sample_size=112, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4)  # 4 resolutions: 112x112 -> 14x14
-VAE_PRESETS = {
-    "echonet": VAEConfig(block_out_channels=(128, 256, 256, 512), layers_per_block=2, **VAE4),
-    "small": VAEConfig(block_out_channels=(32, 64, 64, 64), **VAE4),
-    "phantom": VAEConfig(  # the CPU demo's: 8 groups so 16 channels fit, no mid attention
-        block_out_channels=(16, 32, 32, 64), norm_num_groups=8, mid_block_add_attention=False,
-        **VAE4),
-    "tiny": VAEConfig(block_out_channels=(32, 32, 32, 32), **VAE4),
-}
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -763,15 +748,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Smoke run: build a preset, one forward pass.")
     parser.add_argument("--preset", default="tiny", choices=sorted(UNET_PRESETS),
                         help="UNet preset (the VAE preset is 'echonet' for lvdm, else the same)")
-    parser.add_argument("--frames", type=int, default=8, help="frames in the random clip")
-    args = parser.parse_args()
+    preset = parser.parse_args().preset
     torch.manual_seed(0)
-    unet = UNetSpatioTemporal(UNET_PRESETS[args.preset]).eval()
-    vae = AutoencoderKL(VAE_PRESETS["echonet" if args.preset == "lvdm" else args.preset]).eval()
-    x = torch.randn(1, args.frames, 8, 14, 14)                      # noisy latents + cond frame
-    with torch.no_grad():
-        v = unet(x, 500, torch.full((1, 1, 1), 0.55), torch.zeros(1, 1))  # t = 500, EF 55 %
+    unet = UNetSpatioTemporal(UNET_PRESETS[preset]).eval()
+    vae = AutoencoderKL(VAE_PRESETS["echonet" if preset == "lvdm" else preset]).eval()
+    with torch.no_grad():  # 8 frames of noisy latents + the conditioning frame; t = 500, EF 55 %
+        v = unet(torch.randn(1, 8, 8, 14, 14), 500, torch.full((1, 1, 1), 0.55), torch.zeros(1, 1))
         z = vae.encode(torch.rand(2, 3, 112, 112) * 2 - 1).sample()     # frames in [-1, 1]
-        print(f"UNet {args.preset}: {count_parameters(unet):,} parameters, {list(x.shape)} -> "
+        print(f"UNet {preset}: {count_parameters(unet):,} parameters, [1, 8, 8, 14, 14] -> "
               f"{list(v.shape)}\nVAE: {count_parameters(vae):,} parameters, [2, 3, 112, 112] -> "
               f"{list(z.shape)} -> {list(vae.decode(z).shape)}")

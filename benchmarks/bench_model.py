@@ -5,8 +5,8 @@ the same inputs; runs alternate between the two in one process and the median is
 the spread of the per-pair speed-ups (diffusers' time / ours, each pair of neighbouring runs):
 on a shared machine the load drifts, and a pair sees about the same load.
 
-    python benchmarks/bench_model.py                       # paper config, 1 x 16 frames, 16x16
-    python benchmarks/bench_model.py --frames 8 --threads 1
+    python benchmarks/bench_model.py                  # paper config, 1 x 8 and 1 x 16 frames, 16x16
+    python benchmarks/bench_model.py --frames 16 --threads 1
     python benchmarks/bench_model.py --preset small --frames 32 --batch 2
     python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 4 --frames 64  # GPU
 
@@ -39,7 +39,8 @@ import model as M  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--preset", default="lvdm", choices=sorted(M.UNET_PRESETS))
 parser.add_argument("--batch", type=int, default=1, help="videos per call")
-parser.add_argument("--frames", type=int, default=16, help="frames per video")
+parser.add_argument("--frames", type=int, nargs="+", default=[8, 16],
+                    help="frames per video; each count is measured in turn")
 parser.add_argument("--size", type=int, default=16, help="latent height and width (16 = padded 14)")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation")
 parser.add_argument("--device", default="cpu")
@@ -85,25 +86,9 @@ def spread(times):
     return f"(pairs {min(pairs):.2f}-{max(pairs):.2f})"
 
 
-def main():
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = M.UNET_PRESETS[args.preset]
-    ref = UNetSpatioTemporalConditionModel(**dataclasses.asdict(config))
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        ours = M.load_model(d)
-    ours.train()
-    ref.train()
-    nets = {"diffusers": ref.to(args.device), "ours": ours.to(args.device)}
-
-    B, Fr, S = args.batch, args.frames, args.size
+def measure(nets, config, Fr):
+    """Forward, then forward + backward: both models in turn, medians and speed-ups printed."""
+    B, S = args.batch, args.size
     x = torch.randn(B, Fr, config.in_channels, S, S, device=args.device)
     t = torch.randint(0, 1000, (B,), device=args.device)
     ehs = torch.rand(B, 1, 1, device=args.device)
@@ -125,9 +110,7 @@ def main():
         forward(net).float().square().mean().backward()
         net.zero_grad(set_to_none=True)
 
-    print(f"UNet preset {args.preset}, input {list(x.shape)}, {args.device}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"command: python benchmarks/bench_model.py {' '.join(sys.argv[1:])}")
+    print(f"input {list(x.shape)} (batch x frames x channels x height x width)")
     for mode, fn in [("forward", fwd), ("forward+backward", fwd_bwd)]:
         wall, cpu, faults = ({name: [] for name in nets} for _ in range(3))
         for net in nets.values():  # warm-up
@@ -162,6 +145,30 @@ def main():
         peak = {name: cuda_peak(net, fwd_bwd) for name, net in nets.items()}
         print(f"CUDA peak of forward+backward: diffusers {peak['diffusers'] / 2**20:.0f} MiB   "
               f"ours {peak['ours'] / 2**20:.0f} MiB")
+
+
+def main():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = M.UNET_PRESETS[args.preset]
+    ref = UNetSpatioTemporalConditionModel(**dataclasses.asdict(config))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = M.load_model(d)
+    ours.train()
+    ref.train()
+    nets = {"diffusers": ref.to(args.device), "ours": ours.to(args.device)}
+    print(f"UNet preset {args.preset}, {args.device}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"command: python benchmarks/bench_model.py {' '.join(sys.argv[1:])}")
+    for frames in args.frames:
+        measure(nets, config, frames)
 
 
 if __name__ == "__main__":
