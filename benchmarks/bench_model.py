@@ -47,6 +47,7 @@ parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="autocast dtype on GPU (weights stay fp32)")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+parser.add_argument("--forward", action="store_true", help="also time the forward pass alone")
 args = parser.parse_args()
 
 
@@ -87,7 +88,7 @@ def spread(times):
 
 
 def measure(nets, config, Fr):
-    """Forward, then forward + backward: both models in turn, medians and speed-ups printed."""
+    """Forward + backward (and the forward alone): the two models in turn, medians printed."""
     B, S = args.batch, args.size
     x = torch.randn(B, Fr, config.in_channels, S, S, device=args.device)
     t = torch.randint(0, 1000, (B,), device=args.device)
@@ -111,7 +112,8 @@ def measure(nets, config, Fr):
         net.zero_grad(set_to_none=True)
 
     print(f"input {list(x.shape)} (batch x frames x channels x height x width)")
-    for mode, fn in [("forward", fwd), ("forward+backward", fwd_bwd)]:
+    modes = [("forward", fwd)] * args.forward + [("forward+backward", fwd_bwd)]
+    for mode, fn in modes:
         wall, cpu, faults = ({name: [] for name in nets} for _ in range(3))
         for net in nets.values():  # warm-up
             fn(net)
