@@ -1,9 +1,12 @@
 """Speed and memory of our UNet against diffusers' UNetSpatioTemporalConditionModel.
 
 Both hold the same weights (a folder written by diffusers, loaded with model.load_model) and see
-the same inputs; runs alternate between the two in one process and the median is reported.
+the same inputs; runs alternate between the two in one process and the median is reported, with
+the spread of the per-pair speed-ups (diffusers' time / ours, each pair of neighbouring runs):
+on a shared machine the load drifts, and a pair sees about the same load.
 
-    python benchmarks/bench_model.py                       # paper config, 1 x 16 frames, 16x16
+    python benchmarks/bench_model.py                  # paper config, 1 x 8 and 1 x 16 frames, 16x16
+    python benchmarks/bench_model.py --frames 16 --threads 1
     python benchmarks/bench_model.py --preset small --frames 32 --batch 2
     python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 4 --frames 64  # GPU
 
@@ -11,9 +14,10 @@ Memory: the activations autograd saves for the backward pass (distinct storages,
 excluded), which is what grows with batch and frames in training; on CUDA also the peak of
 torch.cuda.max_memory_allocated over one forward + backward.
 
-On CPU the process CPU time (less sensitive to a busy host than wall time) and the minor page
-faults per call are reported too: fresh activation memory costs a fault per 4 KiB page, so a
-model that allocates less also waits less on the kernel.
+On CPU the process CPU time (less sensitive to a busy host than wall time; with --threads 1 it
+counts no time spent spinning at thread barriers) and the minor page faults per call are reported
+too: fresh activation memory costs a fault per 4 KiB page, so a model that allocates less also
+waits less on the kernel.
 """
 
 import argparse
@@ -35,13 +39,15 @@ import model as M  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--preset", default="lvdm", choices=sorted(M.UNET_PRESETS))
 parser.add_argument("--batch", type=int, default=1, help="videos per call")
-parser.add_argument("--frames", type=int, default=16, help="frames per video")
+parser.add_argument("--frames", type=int, nargs="+", default=[8, 16],
+                    help="frames per video; each count is measured in turn")
 parser.add_argument("--size", type=int, default=16, help="latent height and width (16 = padded 14)")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation")
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="autocast dtype on GPU (weights stay fp32)")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+parser.add_argument("--forward", action="store_true", help="also time the forward pass alone")
 args = parser.parse_args()
 
 
@@ -75,25 +81,15 @@ def cuda_peak(net, fn):
     return torch.cuda.max_memory_allocated() - base
 
 
-def main():
-    from diffusers import UNetSpatioTemporalConditionModel
+def spread(times):
+    """'(pairs a-b)': the lowest and highest speed-up over the pairs of neighbouring runs."""
+    pairs = [d / o for d, o in zip(times["diffusers"], times["ours"])]
+    return f"(pairs {min(pairs):.2f}-{max(pairs):.2f})"
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = M.UNET_PRESETS[args.preset]
-    ref = UNetSpatioTemporalConditionModel(**dataclasses.asdict(config))
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        ours = M.load_model(d)
-    ours.train()
-    ref.train()
-    nets = {"diffusers": ref.to(args.device), "ours": ours.to(args.device)}
 
-    B, Fr, S = args.batch, args.frames, args.size
+def measure(nets, config, Fr):
+    """Forward + backward (and the forward alone): the two models in turn, medians printed."""
+    B, S = args.batch, args.size
     x = torch.randn(B, Fr, config.in_channels, S, S, device=args.device)
     t = torch.randint(0, 1000, (B,), device=args.device)
     ehs = torch.rand(B, 1, 1, device=args.device)
@@ -115,10 +111,9 @@ def main():
         forward(net).float().square().mean().backward()
         net.zero_grad(set_to_none=True)
 
-    print(f"UNet preset {args.preset}, input {list(x.shape)}, {args.device}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"command: python benchmarks/bench_model.py {' '.join(sys.argv[1:])}")
-    for mode, fn in [("forward", fwd), ("forward+backward", fwd_bwd)]:
+    print(f"input {list(x.shape)} (batch x frames x channels x height x width)")
+    modes = [("forward", fwd)] * args.forward + [("forward+backward", fwd_bwd)]
+    for mode, fn in modes:
         wall, cpu, faults = ({name: [] for name in nets} for _ in range(3))
         for net in nets.values():  # warm-up
             fn(net)
@@ -137,13 +132,13 @@ def main():
         med = {name: statistics.median(ts) for name, ts in wall.items()}
         print(f"{mode:17s} diffusers {med['diffusers']:.3f} s   ours {med['ours']:.3f} s   "
               f"ours/diffusers {med['ours'] / med['diffusers']:.3f}   "
-              f"speed-up {med['diffusers'] / med['ours']:.2f}x")
+              f"speed-up {med['diffusers'] / med['ours']:.2f}x {spread(wall)}")
         if args.device == "cpu":
             c = {name: statistics.median(ts) for name, ts in cpu.items()}
             f = {name: statistics.median(ts) for name, ts in faults.items()}
             print(f"{'':17s} CPU time: diffusers {c['diffusers']:.3f} s   ours {c['ours']:.3f} s   "
-                  f"speed-up {c['diffusers'] / c['ours']:.2f}x   page faults per call: "
-                  f"diffusers {f['diffusers']:.0f}   ours {f['ours']:.0f}")
+                  f"speed-up {c['diffusers'] / c['ours']:.2f}x {spread(cpu)}   page faults per "
+                  f"call: diffusers {f['diffusers']:.0f}   ours {f['ours']:.0f}")
     saved = {name: saved_for_backward(net, forward) for name, net in nets.items()}
     print(f"activations saved for backward: diffusers {saved['diffusers'] / 2**20:.0f} MiB   "
           f"ours {saved['ours'] / 2**20:.0f} MiB   "
@@ -152,6 +147,30 @@ def main():
         peak = {name: cuda_peak(net, fwd_bwd) for name, net in nets.items()}
         print(f"CUDA peak of forward+backward: diffusers {peak['diffusers'] / 2**20:.0f} MiB   "
               f"ours {peak['ours'] / 2**20:.0f} MiB")
+
+
+def main():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = M.UNET_PRESETS[args.preset]
+    ref = UNetSpatioTemporalConditionModel(**dataclasses.asdict(config))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = M.load_model(d)
+    ours.train()
+    ref.train()
+    nets = {"diffusers": ref.to(args.device), "ours": ours.to(args.device)}
+    print(f"UNet preset {args.preset}, {args.device}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"command: python benchmarks/bench_model.py {' '.join(sys.argv[1:])}")
+    for frames in args.frames:
+        measure(nets, config, frames)
 
 
 if __name__ == "__main__":

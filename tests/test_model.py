@@ -101,7 +101,7 @@ def test_unet_matches_diffusers_published_config(tmp_path):
     compare_unet(ref, ours, 1, 4, 16, 16, 500)
 
 
-@pytest.mark.parametrize("size", [16, 8])  # 8: the lowest level is 2x2 (SmallFrameConv)
+@pytest.mark.parametrize("size", [16, 8])  # 8: the lowest level is 2x2 pixels
 def test_unet_gradients_match_diffusers(tmp_path, size):
     """Backward: input and weight gradients equal diffusers' (the skipped to_q gets zero there)."""
     ref, ours = reference_unet(SMALL_UNET, tmp_path)
@@ -127,27 +127,8 @@ def test_unet_gradients_match_diffusers(tmp_path, size):
             assert (gp[name] - gp_ref[name]).abs().max() <= ATOL, name
 
 
-def double(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
-
-
-def test_custom_backward_passes_are_exact_gradients():
-    """Each hand-written backward equals the numerical gradient of its forward (float64)."""
-    check = torch.autograd.gradcheck
-    assert check(M.GatedGELU.apply, (double(3, 5, 8),))
-    a = torch.rand(1, dtype=torch.float64).requires_grad_(True)
-    assert check(M.Blend.apply, (a, double(2, 3, 4), double(2, 3, 4, seed=1)))
-    assert check(M.Blend.apply, (a, double(4, 2, 3).permute(1, 2, 0), double(2, 3, 4, seed=1)))
-    for shape in [(2, 3, 2, 2), (2, 3, 3, 3), (1, 3, 1, 3)]:
-        assert check(M.SmallFrameConv.apply, (double(*shape), double(4, 3, 3, 3, seed=1),
-                                              double(4, seed=2)))
-    assert check(M.SingleKeyAttention.apply, (double(2, 1, 3), double(2 * 5, 4, seed=1),
-                                              double(4, 3, seed=2), double(4, seed=3)))
-
-
 def test_unet_traces_for_torch_compile_in_one_graph():
-    """train.py --compile: TorchDynamo captures the whole UNet, custom backward passes included,
+    """train.py --compile: TorchDynamo captures the whole UNet (single-key attention included)
     without a graph break (a break splits the model and recompiles blocks per shape)."""
     torch.manual_seed(0)
     net = M.UNetSpatioTemporal(M.UNET_PRESETS["tiny"])
@@ -340,8 +321,8 @@ def test_added_time_ids_have_no_effect_with_echonet_config():
 
 @pytest.mark.parametrize("size", [16, 8])
 def test_unet_trains_under_bf16_autocast_like_diffusers(tmp_path, size):
-    """Mixed precision (the GPU training path; here CPU bf16 autocast): our custom backward passes
-    give fp32 weight gradients as close to the fp32 gradients as diffusers' bf16 ones are."""
+    """Mixed precision (the GPU training path; here CPU bf16 autocast): our weight gradients are
+    fp32 and as close to the fp32 gradients as diffusers' bf16 ones are."""
     ref, ours = reference_unet(SMALL_UNET, tmp_path)
     g = torch.Generator().manual_seed(3)
     x, ehs = torch.randn(2, 3, 8, size, size, generator=g), torch.rand(2, 1, 1, generator=g)
