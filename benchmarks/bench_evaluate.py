@@ -1,13 +1,15 @@
 """Speed of evaluate.py's parts: Inception-v3 frames/s, I3D clips/s, jpg decoding, sqrtm.
 
+    python export.py detectors                               # the real weights, once
     python benchmarks/bench_evaluate.py                      # CPU, all threads
     python benchmarks/bench_evaluate.py --device cuda        # TF32 off, as the metrics run
 
 A measurement, not a test. Inputs are what the metrics feed the detectors [metrics.md 4]:
-uint8 112x112 frames (Inception resizes them to 299x299, features for FID) and uint8
-[B, 3, n, 112, 112] clips (I3D rescales and resizes them to 224x224, logits for FVD). Weights
-are random: the speed does not depend on them. No reference implementation runs here (the
-StyleGAN-V detectors are TorchScript downloads); see the numbers in docs/evaluate.md.
+uint8 112x112 frames (Inception resizes them to 299x299, features for FID), uint8
+[B, 3, n, 112, 112] clips (I3D rescales and resizes them to 224x224, logits for FVD), and
+[B, 3, 16, 224, 224] clips straight into the I3D. The weights are the real ones from
+--detectors (random ones, said so, if that folder is empty; the speed does not depend on
+them). No reference implementation runs here; the numbers are in docs/evaluate.md.
 """
 
 import argparse
@@ -33,6 +35,8 @@ parser.add_argument("--inception-batch", type=int, default=16,
 parser.add_argument("--clips", type=int, default=1, help="clips per I3D call (StyleGAN-V: "
                     "128 // n, i.e. 8 for 16 frames, 1 for 128)")
 parser.add_argument("--lengths", default="16,128", help="I3D clip lengths to time")
+parser.add_argument("--detectors", default="models/detectors",
+                    help="folder written by `python export.py detectors`")
 args = parser.parse_args()
 
 
@@ -62,14 +66,24 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows = []
 
+    def detector(name):
+        if os.path.isfile(os.path.join(args.detectors, E.FILES[name])):
+            return E.load_detector(name, args.detectors, device)
+        print(f"note: no {E.FILES[name]} in {args.detectors}: random weights")
+        return (E.InceptionV3() if name == "inception" else E.I3D()).eval().to(device)
+
     with torch.inference_mode():
-        inception = E.InceptionV3().eval().to(device)
+        inception = detector("inception")
         b = args.inception_batch
         x = torch.randint(0, 256, (b, 3, 112, 112), generator=gen, dtype=torch.uint8).to(device)
         t = best_time(lambda: inception(x, return_features=True), args.repeats, sync)
         rows.append((f"Inception-v3, {b} frames 112->299, features", b / t, "frames/s", t))
 
-        i3d = E.I3D().eval().to(device)
+        i3d = detector("i3d")
+        x = torch.rand(args.clips, 3, 16, 224, 224, generator=gen).to(device) * 2 - 1
+        t = best_time(lambda: i3d(x, return_features=True), args.repeats, sync)
+        rows.append((f"I3D, {args.clips} clip(s) of 16 frames 224x224, logits", args.clips / t,
+                     "clips/s", t))
         for n in [int(v) for v in args.lengths.split(",")]:
             clip = torch.randint(0, 256, (args.clips, 3, n, 112, 112), generator=gen,
                                  dtype=torch.uint8).to(device)
@@ -85,7 +99,7 @@ def main():
             img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
             PIL.Image.fromarray(img).save(os.path.join(tmp, f"{i:04d}.jpg"), quality=100)
         files = E.list_images(tmp)
-        frames = E.Frames(tmp, files, E.probe(tmp, files[0], 112))
+        frames = E.FrameDataset(tmp, files, E.probe(tmp, files[0], 112))
         t = best_time(lambda: [frames[i] for i in range(len(frames))], args.repeats, sync)
         rows.append(("jpg decoding (Pillow), 64 frames 112x112, 1 process", 64 / t,
                      "frames/s", t))
