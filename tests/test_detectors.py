@@ -211,6 +211,8 @@ CASES = {  # name: (command, the file the message must name, a phrase of the mes
     "corrupt jpg in a metric folder": ("evaluate.py --fake {d}/frames --metrics is10 "
                                        "--detectors {d}/good --resolution 16",
                                        "{d}/frames/v0/0000.jpg", "unreadable image"),
+    "detectors: missing file": ("export.py detectors {d}/none.pt --out {d}/out", "{d}/none.pt",
+                                "no such file"),
     "detectors: random bytes": ("export.py detectors {d}/random.safetensors --out {d}/out",
                                 "{d}/random.safetensors", "not a pickle of numpy arrays"),
     "detectors: truncated TorchScript": ("export.py detectors {d}/cut.pt --out {d}/out",
