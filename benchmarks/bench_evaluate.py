@@ -1,13 +1,18 @@
 """Speed of evaluate.py's parts: Inception-v3 frames/s, I3D clips/s, jpg decoding, sqrtm.
 
+    python export.py detectors                               # the real weights, once
     python benchmarks/bench_evaluate.py                      # CPU, all threads
     python benchmarks/bench_evaluate.py --device cuda        # TF32 off, as the metrics run
+    python benchmarks/bench_evaluate.py --threads 1 --clock cpu   # a shared machine: see below
 
 A measurement, not a test. Inputs are what the metrics feed the detectors [metrics.md 4]:
-uint8 112x112 frames (Inception resizes them to 299x299, features for FID) and uint8
-[B, 3, n, 112, 112] clips (I3D rescales and resizes them to 224x224, logits for FVD). Weights
-are random: the speed does not depend on them. No reference implementation runs here (the
-StyleGAN-V detectors are TorchScript downloads); see the numbers in docs/evaluate.md.
+uint8 112x112 frames (Inception resizes them to 299x299, features for FID), uint8
+[B, 3, n, 112, 112] clips (I3D rescales and resizes them to 224x224, logits for FVD), and
+[B, 3, 16, 224, 224] clips straight into the I3D. The weights are the real ones from
+--detectors (random ones, said so, if that folder is empty; the speed does not depend on
+them). No reference implementation runs here; the numbers are in docs/evaluate.md. On a
+machine shared with other jobs wall time measures the others: `--threads 1 --clock cpu` times
+this process's CPU seconds on one thread instead (throughput per core).
 """
 
 import argparse
@@ -33,6 +38,10 @@ parser.add_argument("--inception-batch", type=int, default=16,
 parser.add_argument("--clips", type=int, default=1, help="clips per I3D call (StyleGAN-V: "
                     "128 // n, i.e. 8 for 16 frames, 1 for 128)")
 parser.add_argument("--lengths", default="16,128", help="I3D clip lengths to time")
+parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: time.perf_counter; cpu: this process's CPU time (process_time)")
+parser.add_argument("--detectors", default="models/detectors",
+                    help="folder written by `python export.py detectors`")
 args = parser.parse_args()
 
 
@@ -40,12 +49,12 @@ def best_time(fn, repeats, sync):
     """Seconds of the fastest of `repeats` calls of fn(), after one warm-up call."""
     fn()
     sync()
-    times = []
+    times, clock = [], time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -60,23 +69,36 @@ def main():
           f"{os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f}")
     print(f"command: python benchmarks/bench_evaluate.py {' '.join(sys.argv[1:])}".rstrip())
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    print(f"clock: {args.clock}\n\n{'case':<58s} {'throughput':>12s}  {'per call':>10s}")
+
+    def row(name, rate, unit, t):               # printed as measured (a slow machine shows some)
+        print(f"{name:<58s} {rate:8.2f} {unit:<9s} {t * 1000:7.0f} ms", flush=True)
+
+    def detector(name):
+        if os.path.isfile(os.path.join(args.detectors, E.FILES[name])):
+            return E.load_detector(name, args.detectors, device)
+        print(f"note: no {E.FILES[name]} in {args.detectors}: random weights")
+        return (E.InceptionV3() if name == "inception" else E.I3D()).eval().to(device)
 
     with torch.inference_mode():
-        inception = E.InceptionV3().eval().to(device)
+        inception = detector("inception")
         b = args.inception_batch
         x = torch.randint(0, 256, (b, 3, 112, 112), generator=gen, dtype=torch.uint8).to(device)
         t = best_time(lambda: inception(x, return_features=True), args.repeats, sync)
-        rows.append((f"Inception-v3, {b} frames 112->299, features", b / t, "frames/s", t))
+        row(f"Inception-v3, {b} frames 112->299, features", b / t, "frames/s", t)
 
-        i3d = E.I3D().eval().to(device)
+        i3d = detector("i3d")
+        x = torch.rand(args.clips, 3, 16, 224, 224, generator=gen).to(device) * 2 - 1
+        t = best_time(lambda: i3d(x, return_features=True), args.repeats, sync)
+        row(f"I3D, {args.clips} clip(s) of 16 frames 224x224, logits", args.clips / t,
+                     "clips/s", t)
         for n in [int(v) for v in args.lengths.split(",")]:
             clip = torch.randint(0, 256, (args.clips, 3, n, 112, 112), generator=gen,
                                  dtype=torch.uint8).to(device)
             t = best_time(lambda c=clip: i3d(c, rescale=True, resize=True,
                                              return_features=True), args.repeats, sync)
-            rows.append((f"I3D, {args.clips} clip(s) of {n} frames 112->224, logits",
-                         args.clips / t, "clips/s", t))
+            row(f"I3D, {args.clips} clip(s) of {n} frames 112->224, logits",
+                         args.clips / t, "clips/s", t)
 
     # The reader: Pillow decoding 112x112 quality-100 jpgs (EchoNet's), one process.
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,23 +107,21 @@ def main():
             img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
             PIL.Image.fromarray(img).save(os.path.join(tmp, f"{i:04d}.jpg"), quality=100)
         files = E.list_images(tmp)
-        frames = E.Frames(tmp, files, E.probe(tmp, files[0], 112))
+        frames = E.FrameDataset(tmp, files, 112)
         t = best_time(lambda: [frames[i] for i in range(len(frames))], args.repeats, sync)
-        rows.append(("jpg decoding (Pillow), 64 frames 112x112, 1 process", 64 / t,
-                     "frames/s", t))
+        row("jpg decoding (Pillow), 64 frames 112x112, 1 process", 64 / t,
+                     "frames/s", t)
 
     # The Frechet distance of two 2048-d Gaussians (FID): one scipy sqrtm, timed once.
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4096, 2048)), rng.normal(size=(4096, 2048)) * 1.1
     stats = [(x.mean(0), np.cov(x, rowvar=False, bias=True)) for x in (a, b)]
-    start = time.perf_counter()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    start = clock()
     E.frechet_distance(*stats[0], *stats[1])
-    t = time.perf_counter() - start
-    rows.append(("Frechet distance, 2048-d (scipy.linalg.sqrtm), once", 1 / t, "calls/s", t))
-
-    print(f"\n{'case':<58s} {'throughput':>12s}  {'per call':>10s}")
-    for name, rate, unit, t in rows:
-        print(f"{name:<58s} {rate:8.2f} {unit:<9s} {t * 1000:7.0f} ms")
+    t = clock() - start
+    row("Frechet distance, 2048-d (scipy.linalg.sqrtm), once", 1 / t, "calls/s", t)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
-"""Tests of evaluate.py: the maths, the detectors against independent ports, the converter on
-TorchScript files made here, and the StyleGAN-V protocol on small folders. CPU, random weights.
-"""
+"""Tests of evaluate.py: the maths, the detectors against independent ports, and the StyleGAN-V
+protocol on small folders. CPU, random weights (tests/test_detectors.py: the real ones)."""
 
 import json
 import os
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import evaluate as E  # noqa: E402
+import export  # noqa: E402
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -75,6 +75,7 @@ class Spy(nn.Module):
     def __init__(self):
         super().__init__()
         self.seen = []
+        self.device_marker = nn.Parameter(torch.zeros(1))      # where batches go (CPU)
 
     def forward(self, x, **kwargs):
         self.seen.append((x.clone(), kwargs))
@@ -104,14 +105,19 @@ def ports():
 
 @pytest.fixture(scope="session")
 def detectors(tmp_path_factory, tv_inception, ports):
-    """A --detectors folder with those random weights, as `convert` would write it."""
+    """A --detectors folder with those random weights, as `export.py detectors` writes it."""
     folder = tmp_path_factory.mktemp("detectors")
-    for sd, name, meta in [(E.inception_state_dict_from(tv_inception.state_dict()),
-                            E.INCEPTION_FILE, {}),
-                           (E.i3d_state_dict_from(ports["piergiaj"].state_dict()), E.I3D_FILE,
-                            {"resize_mode": "bilinear"})]:
+    for sd, name, meta in [(inception_state_dict_from(tv_inception.state_dict()),
+                            E.FILES["inception"], {}),
+                           (export.i3d_from_torch(ports["piergiaj"].state_dict()),
+                            E.FILES["i3d"], {"resize_mode": "bilinear"})]:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name), meta)
     return str(folder)
+
+
+def spies(**nets):
+    """A `detector` for calc_metric: name -> the stand-in given for it."""
+    return nets.__getitem__
 
 
 def run_cli(capsys, *args):
@@ -323,11 +329,83 @@ class TVInception(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
+def _fold_bn(weight, gamma, beta, mean, var):
+    """(weight, beta, mean, var) of a scale-free BN unit equal to one with scale gamma.
+
+    gamma * (conv(x, w) - mean) / s + beta == (conv(x, gamma w) - gamma mean) / s + beta.
+    """
+    if gamma is None or bool((gamma == 1).all()):
+        return weight, beta, mean, var
+    g = gamma.reshape(-1, *[1] * (weight.ndim - 1))
+    return weight * g, beta, mean * gamma, var
+
+
+# torchvision / pytorch-fid names -> the TorchScript's [A.6]
+_TV_BLOCKS = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+              "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4", "Mixed_5b": "mixed",
+              "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2", "Mixed_6a": "mixed_3",
+              "Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5", "Mixed_6d": "mixed_6",
+              "Mixed_6e": "mixed_7", "Mixed_7a": "mixed_8", "Mixed_7b": "mixed_9",
+              "Mixed_7c": "mixed_10"}
+_TV_UNITS = {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+             "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
+             "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv",
+             "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
+             "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv",
+             "branch7x7dbl_2": "tower_1.conv_1", "branch7x7dbl_3": "tower_1.conv_2",
+             "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
+             "branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1",
+             "branch7x7x3_1": "tower_1.conv", "branch7x7x3_2": "tower_1.conv_1",
+             "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"}
+_TV_UNITS_B = {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv",
+               "branch3x3dbl_2": "tower.conv_1", "branch3x3dbl_3": "tower.conv_2"}
+_TV_UNITS_E = {"branch1x1": "conv", "branch3x3_1": "tower_conv",
+               "branch3x3_2a": "tower_mixed_conv", "branch3x3_2b": "tower_mixed_conv_1",
+               "branch3x3dbl_1": "tower_1_conv", "branch3x3dbl_2": "tower_1_conv_1",
+               "branch3x3dbl_3a": "tower_1_mixed_conv", "branch3x3dbl_3b": "tower_1_mixed_conv_1",
+               "branch_pool": "tower_2_conv"}
+
+
+def inception_state_dict_from(sd):
+    """Our InceptionV3 state dict from a torchvision-layout port of the same TF graph
+    (pytorch-fid's FIDInceptionV3: `Mixed_6b.branch7x7_2.conv.weight`,
+    `.bn.{weight,bias,running_mean,running_var}`, `fc` with 1008 outputs); a BN scale other
+    than 1 is folded into the conv."""
+    units = {}
+    for key, value in sd.items():
+        if key.startswith("AuxLogits") or key.endswith("num_batches_tracked"):
+            continue
+        if key.startswith("fc."):
+            units.setdefault("output", {})[key[3:]] = value
+            continue
+        parts = key.split(".")                          # block [unit] conv|bn param
+        if parts[0] not in _TV_BLOCKS:
+            raise KeyError(f"cannot place Inception key {key!r}")
+        block = _TV_BLOCKS[parts[0]]
+        if len(parts) == 3:
+            path = f"layers.{block}"
+        else:
+            table = (_TV_UNITS_B if block == "mixed_3" else
+                     _TV_UNITS_E if block in ("mixed_9", "mixed_10") else _TV_UNITS)
+            if parts[1] not in table:
+                raise KeyError(f"cannot place Inception key {key!r}")
+            path = f"layers.{block}.{table[parts[1]]}"
+        units.setdefault(path, {})[".".join(parts[-2:])] = value
+    out = {"output.weight": units["output"]["weight"], "output.bias": units["output"]["bias"]}
+    for path, p in units.items():
+        if path != "output":
+            w, b, m, v = _fold_bn(p["conv.weight"], p.get("bn.weight"), p["bn.bias"],
+                                  p["bn.running_mean"], p["bn.running_var"])
+            out.update({f"{path}.weight": w, f"{path}.beta": b, f"{path}.mean": m,
+                        f"{path}.var": v})
+    return out
+
+
 def test_inception_matches_torchvision_layout_port(tv_inception):
     """Same random weights (with BN scales to fold) -> same 2048-d features and IS logits."""
     port = tv_inception
     ours = E.InceptionV3().eval()
-    ours.load_state_dict(E.inception_state_dict_from(port.state_dict()))
+    ours.load_state_dict(inception_state_dict_from(port.state_dict()))
     img = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8)
     with torch.no_grad():
         ref = port((E.tf1_resize(img.float(), 299, 299) - 128) / 128)
@@ -337,7 +415,7 @@ def test_inception_matches_torchvision_layout_port(tv_inception):
     assert torch.allclose(probs, F.softmax(ref @ port.fc.weight.T, 1), atol=1e-6)
 
 
-# --- I3D against hassony2- and piergiaj-style ports, and the converter ------------------------
+# --- I3D against hassony2- and piergiaj-style ports; export.py detectors on TorchScripts -----
 
 MIXED = [("3b", 192, [64, 96, 128, 16, 32, 32]), ("3c", 256, [128, 128, 192, 32, 96, 64]),
          ("4b", 480, [192, 96, 208, 16, 48, 64]), ("4c", 512, [160, 112, 224, 24, 64, 64]),
@@ -511,52 +589,53 @@ def test_i3d_matches_public_port_layouts(ports, layout, t):
     pad (Conv3d_1a (2, 3) for even T, MaxPool3d_5a (0, 1) for odd T / 4)."""
     port = ports[layout]
     ours = E.I3D().eval()
-    ours.load_state_dict(E.i3d_state_dict_from(port.state_dict()))
+    ours.load_state_dict(export.i3d_from_torch(port.state_dict()))
     x = torch.rand(1, 3, t, 224, 224, generator=torch.Generator().manual_seed(t)) * 2 - 1
     with torch.no_grad():
         ref = port(x, return_features=True)
         assert (ours(x, return_features=True) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_i3d_mapping_by_registration_order_and_by_name():
-    """Unreadable names are placed by registration order; readable ones by name, whatever
-    their order; tensors of equal shape (Mixed_3c branch 0 vs 1a) are never confused."""
+def test_i3d_mapping_by_registration_order():
+    """Names that say nothing are placed by registration order, every shape checked; tensors
+    of equal shape (Mixed_3c branch 0 vs 1a) are never confused; a missing tensor is named."""
     torch.manual_seed(8)
     sd = randomize_bn_(E.I3D(), 9).state_dict()
     opaque = {f"u{i // 4:02d}.{k.rsplit('.', 1)[1]}": v for i, (k, v) in enumerate(
         (k, v) for k, v in sd.items() if not k.startswith("conv3d_0c"))}
     opaque.update({"head.weight": sd["conv3d_0c_1x1.weight"],
                    "head.bias": sd["conv3d_0c_1x1.bias"]})
-    shuffled = dict(reversed(list(sd.items())))
-    for source in (opaque, shuffled):
-        out = E.i3d_state_dict_from(source)
-        assert set(out) == set(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
+    out = export.i3d_from_torch(opaque)
+    assert set(out) == set(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
     assert sd["mixed_3c.branch_0.weight"].shape == sd["mixed_3c.branch_1.0.weight"].shape
     bad = dict(sd)
     del bad["mixed_4d.branch_2.1.var"]
-    with pytest.raises(E.EvalError, match="mixed_4d.branch_2.1"):
-        E.i3d_state_dict_from(bad)
+    with pytest.raises(export.DetectorError, match="mixed_4d.branch_2.1"):
+        export.i3d_from_torch(bad)
 
 
-def convert_scripted(module, tmp_path, name, **kwargs):
+def convert_scripted(module, tmp_path, name):
+    """export.py detectors on `module` scripted and saved as `name`; (written path, log)."""
     path = str(tmp_path / name)
     torch.jit.save(torch.jit.script(module), path)
     lines = []
-    out = E.convert(path, str(tmp_path / "out"), log=lines.append, **kwargs)
+    out = export.convert_detector(path, str(tmp_path / "out"), log=lines.append)
     return out, "\n".join(lines)
 
 
 @pytest.mark.parametrize("layout,resize", [("piergiaj", "bilinear_align_corners"),
                                            ("hassony2", "bilinear")])
 def test_convert_i3d_torchscript(ports, tmp_path, layout, resize):
-    """convert: maps the scripted port, reads (piergiaj) or finds by trial (hassony2) its
-    resize, and the written file builds an I3D giving the TorchScript's outputs."""
-    out, log = convert_scripted(ports[layout], tmp_path, "i3d_torchscript.pt", lengths=(9,))
-    assert "FAIL" not in log and f"({resize})" in log
-    assert ("code: " + resize in log) == (layout == "piergiaj")
-    net = E.build_i3d(str(tmp_path / "out"))                # outputs compared by convert
-    assert net.resize_mode == resize and os.path.basename(out) == E.I3D_FILE
-    expect = E.i3d_state_dict_from(ports[layout].state_dict())
+    """export.py detectors maps the scripted port, reads (piergiaj: trilinear in its code) or
+    finds by trial (hassony2: a grid resize no reader can name) its resize, and the written
+    file loads as an I3D with the port's weights (outputs compared by the converter)."""
+    out, log = convert_scripted(ports[layout], tmp_path, "i3d_torchscript.pt")
+    assert f"resize {resize}" in log and "T=9" in log and "T=17" in log
+    assert (export.resize_from_code(torch.jit.load(str(tmp_path / "i3d_torchscript.pt")))
+            == (resize if layout == "piergiaj" else None))
+    net = E.load_detector("i3d", str(tmp_path / "out"))
+    assert net.resize_mode == resize and os.path.basename(out) == E.FILES["i3d"]
+    expect = export.i3d_from_torch(ports[layout].state_dict())
     assert all(torch.equal(v, expect[k]) for k, v in net.state_dict().items())
 
 
@@ -568,18 +647,19 @@ def test_convert_refuses_a_network_that_disagrees(tmp_path):
     for m in port.modules():
         if isinstance(m, nn.BatchNorm3d):
             m.eps = 0.1
-    with pytest.raises(E.EvalError, match="nothing written"):
-        convert_scripted(port, tmp_path, "i3d_torchscript.pt", lengths=(9,))
-    assert not (tmp_path / "out" / E.I3D_FILE).exists()
+    with pytest.raises(export.DetectorError, match="T=9 224x224: ours and the TorchScript"):
+        convert_scripted(port, tmp_path, "i3d_torchscript.pt")
+    assert not (tmp_path / "out" / E.FILES["i3d"]).exists()
 
 
 def test_convert_inception_torchscript(tmp_path, tv_inception):
-    """convert on a TorchScript with the published names (ours, scripted) round-trips."""
+    """export.py detectors on a TorchScript with NVIDIA's names (ours, scripted) round-trips:
+    features and both softmaxes compared, the IS layer kept."""
     model = E.InceptionV3().eval()
-    model.load_state_dict(E.inception_state_dict_from(tv_inception.state_dict()))
-    _, log = convert_scripted(model, tmp_path, "inception-2015-12-05.pt", sizes=(112,))
-    assert "FAIL" not in log and "return_features" in log and "no_output_bias" in log
-    net = E.build_inception(str(tmp_path / "out"))
+    model.load_state_dict(inception_state_dict_from(tv_inception.state_dict()))
+    _, log = convert_scripted(model, tmp_path, "inception-2015-12-05.pt")
+    assert "return_features" in log and "no_output_bias" in log and "112 px" in log
+    net = E.load_detector("inception", str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                  model.state_dict().values()))
 
@@ -638,9 +718,8 @@ def test_fvd_clips_follow_the_protocol(coded):
     K videos from frame 0; the detector gets contiguous uint8 [b, 3, 16, H, W]."""
     real, fake = coded
     spy = Spy()
-    opts = E.Options(real=real, fake=fake, resolution=16, nets={"i3d": spy}, progress=False)
-    E.clip_stats(opts, real, 16, 2, real=True)
-    E.clip_stats(opts, fake, 16, 3, real=False)
+    E.clip_stats(real, 16, 2, spy, real=True, resolution=16)
+    E.clip_stats(fake, 16, 3, spy, real=False, resolution=16)
     x = torch.cat([s[0] for s in spy.seen])
     assert x.dtype == torch.uint8 and x.shape == (5, 3, 16, 16, 16) and x.is_contiguous()
     assert [s[0].shape[0] for s in spy.seen] == [2, 3]             # 128 // 16 = 8 per batch
@@ -660,9 +739,7 @@ def test_fvd_clips_follow_the_protocol(coded):
 def test_fid_and_is_read_the_first_frames_in_sorted_order(coded):
     real, fake = coded
     spy = Spy()
-    opts = E.Options(real=real, fake=fake, resolution=16, nets={"inception": spy},
-                     progress=False)
-    mu, sigma = E.image_stats(opts, fake, 40, 32, "fid fake", disk=False)
+    mu, sigma = E.image_stats(fake, 40, spy, 32, "fid fake", resolution=16)
     x = torch.cat([s[0] for s in spy.seen])
     assert [s[0].shape[0] for s in spy.seen] == [32, 8]
     assert x[:, 0, 0, 0].tolist() == [100] * 19 + [101] * 16 + [102] * 5     # first 40 frames
@@ -670,41 +747,71 @@ def test_fid_and_is_read_the_first_frames_in_sorted_order(coded):
     f = spy(x, return_features=True).double().numpy()
     assert np.allclose(mu, f.mean(0)) and np.allclose(sigma, np.cov(f.T, bias=True))
     spy.seen.clear()
-    E.image_stats(opts, real, None, 64, "fid real", disk=False)
+    E.image_stats(real, None, spy, 64, "fid real", resolution=16)
     assert sum(s[0].shape[0] for s in spy.seen) == 20 + 14 + 22 + 16 + 9     # all real frames
     spy.seen.clear()
-    mean, std = E.calc_metric(opts, "is60").values()
+    (result,) = E.calc_metric("is60", fake, real, spies(inception=spy), resolution=16)
+    mean, std = result.values()
     probs = spy(torch.cat([s[0] for s in spy.seen]), no_output_bias=True).numpy()
     assert len(probs) == 60 and spy.seen[0][1] == dict(no_output_bias=True)
     assert (mean, std) == E.inception_score(probs, num_gen=60, num_splits=10)
 
 
 def test_metric_names_parse():
-    opts = E.Options(real=None, fake="x")
     for name in ["fid50k", "fvd2048_16", "efx", "is50k_full"]:
         with pytest.raises(E.EvalError, match="unknown metric"):
-            E.calc_metric(opts, name)
-    assert {r"fid(\d+)(k?)_full", r"fvd(\d+)_(\d+)f", r"is(\d+)(k?)", "ef"} <= set(E.METRICS)
+            E.calc_metric(name, "x")
+    assert {r"fid(\d+)(k?)_full", r"fvd(\d+)_(\d+)f", r"is(\d+)(k?)",
+            "ef"} <= set(E.METRICS.values())
+    assert [E.parse_metric(n) for n in ("fid50k_full", "fvd2048_16f", "is2k", "is100", "ef")] \
+        == [("fid", 50000), ("fvd", 2048), ("is", 2000), ("is", 100), ("ef", 0)]
 
 
 def test_clear_errors(coded, detectors, tmp_path):
-    """Missing folder or weights, wrong size, mixed channels, short fake video, flat folder:
+    """Missing folder or weights, unreadable weights, an Inception without the IS layer asked
+    for IS, wrong size, mixed channels, corrupt or truncated jpg, short fake video, flat folder:
     a one-line SystemExit naming the culprit, not a traceback."""
     real, fake = coded
     flat = tmp_path / "flat"
     write_frames(str(flat), np.zeros((2, 16, 16, 3), np.uint8))
     write_frames(str(flat / "x"), np.zeros((1, 16, 16), np.uint8))     # 1 channel
     (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"                   # random bytes, and a jpg cut in half
+    shutil.copytree(fake, broken)
+    (broken / "sample_000001" / "0003.png").write_bytes(os.urandom(300))
+    write_frames(str(broken / "sample_000002"), np.full((1, 16, 16, 3), 9, np.uint8), "jpg")
+    jpg = (broken / "sample_000002" / "0000.jpg").read_bytes()
+    (broken / "sample_000002" / "0000.jpg").write_bytes(jpg[:len(jpg) // 2])
+    bad_weights, no_is = tmp_path / "bad_weights", tmp_path / "no_is"
+    bad_weights.mkdir()
+    (bad_weights / E.FILES["inception"]).write_bytes(os.urandom(1000))
+    no_is.mkdir()
+    state = E.load_detector("inception", detectors).state_dict()
+    save_file({k: v for k, v in state.items() if not k.startswith("output")},
+              str(no_is / E.FILES["inception"]))
     base = ["--out", "", "--no-progress", "--workers", "0", "--no-cache"]
     cases = [
         (["--real", str(tmp_path / "nope"), "--fake", fake, "--metrics", "fid1k_full"],
          "--real"),
-        (["--real", real, "--fake", str(tmp_path / "empty"), "--metrics", "is10"],
-         "no image files"),
+        (["--real", real, "--fake", str(tmp_path / "empty"), "--metrics", "is10",
+          "--detectors", detectors], "no image files"),
         (["--real", real, "--fake", fake, "--metrics", "is10", "--detectors",
           str(tmp_path), "--resolution", "16"], "inception-2015-12-05.safetensors not found"),
         (["--real", real, "--fake", fake, "--metrics", "fvd8_16f", "--detectors",
-          str(tmp_path), "--resolution", "16"], "i3d_torchscript.pt, published by the StyleGAN-V"),
+          str(tmp_path), "--resolution", "16"], "i3d-kinetics-400.safetensors not found "
+         "(--detectors): write it with `python export.py detectors"),
+        (["--real", real, "--fake", fake, "--metrics", "fid10_full", "--detectors",
+          str(bad_weights)], "inception-2015-12-05.safetensors: not a readable safetensors"),
+        (["--real", real, "--fake", fake, "--metrics", "is10", "--detectors", str(no_is)],
+         "IS needs NVIDIA's inception-2015-12-05.pt, published at https://nvlabs-fi-cdn"),
+        (["--real", real, "--fake", str(broken), "--metrics", "fvd8_16f", "--detectors",
+          detectors, "--resolution", "16"], "sample_000001/0003.png: unreadable image"),
+        (["--real", real, "--fake", str(broken), "--metrics", "fid40_full", "--detectors",
+          detectors, "--resolution", "16", "--workers", "1"],
+         "sample_000001/0003.png: unreadable image"),
+        (["--fake", str(broken / "sample_000002"), "--metrics", "is1", "--detectors",
+          detectors, "--resolution", "16"],
+         "sample_000002/0000.jpg: unreadable image (Truncated File Read)"),
         (["--real", real, "--fake", fake, "--metrics", "is10", "--detectors", detectors],
          "expected 112x112 (--resolution)"),
         (["--real", real, "--fake", str(flat), "--metrics", "is10", "--detectors", detectors,
@@ -722,8 +829,6 @@ def test_clear_errors(coded, detectors, tmp_path):
             E.main(base + args)
         text = str(exc.value)
         assert message in text and "\n" not in text, (args, text)
-    with pytest.raises(SystemExit, match="no such file"):
-        E.main(["convert", str(tmp_path / "missing.pt")])
 
 
 def test_fvd16_end_to_end_and_reproducible(detectors, tmp_path, capsys):
@@ -748,9 +853,7 @@ def test_real_statistics_cached_by_content_not_path(coded, tmp_path):
     cache = str(tmp_path / "cache")
 
     def stats(root):
-        opts = E.Options(real=root, fake=fake, resolution=16, cache_dir=cache,
-                         nets={"i3d": spy}, progress=False)
-        return E.clip_stats(opts, root, 16, 4, real=True)
+        return E.clip_stats(root, 16, 4, spy, real=True, resolution=16, cache_dir=cache)
 
     first = stats(real)
     calls = len(spy.seen)
@@ -801,10 +904,9 @@ def test_fvd128_end_to_end(detectors, tmp_path, capsys):
 
 def _dist_worker(rank, world, init, real, fake, out):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    opts = E.Options(real=real, fake=fake, resolution=16, nets={"inception": Spy(),
-                     "i3d": Spy()}, rank=rank, world=world, progress=False)
-    results = {"fid": E.calc_metric(opts, "fid45_full"), "is": E.calc_metric(opts, "is41"),
-               "fvd": E.calc_metric(opts, "fvd3_16f")}
+    nets = spies(inception=Spy(), i3d=Spy())
+    results = {k: E.calc_metric(name, fake, real, nets, resolution=16)[0]
+               for k, name in [("fid", "fid45_full"), ("is", "is41"), ("fvd", "fvd3_16f")]}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -818,10 +920,9 @@ def test_several_processes_give_the_single_process_numbers(coded, tmp_path):
         2, f"file://{tmp_path / 'init'}", real, fake, out))
     with open(out) as f:
         several = json.load(f)
-    opts = E.Options(real=real, fake=fake, resolution=16, nets={"inception": Spy(),
-                     "i3d": Spy()}, progress=False)
-    single = {"fid": E.calc_metric(opts, "fid45_full"), "is": E.calc_metric(opts, "is41"),
-              "fvd": E.calc_metric(opts, "fvd3_16f")}
+    nets = spies(inception=Spy(), i3d=Spy())
+    single = {k: E.calc_metric(name, fake, real, nets, resolution=16)[0]
+              for k, name in [("fid", "fid45_full"), ("is", "is41"), ("fvd", "fvd3_16f")]}
     assert several["is"] == single["is"]                      # same rows in the same order
     for key in ("fid", "fvd"):                                # float64 sums, other order
         assert several[key] == pytest.approx(single[key], rel=1e-9, abs=1e-9)
