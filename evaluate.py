@@ -99,10 +99,14 @@ class ConvBN(nn.Module):
                                    self.beta.to(x.dtype), False, 0.0, 1e-3))
 
     def forward(self, x):
-        if len(self.kernel) == 3:                          # I3D: 3D, TF SAME padding [B.6]
-            x, pad = tf_same_pad(x, self.kernel, self.stride)
-            return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
+        if len(self.kernel) == 3:
+            return self.forward_3d(x)
         return self.norm(F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding))
+
+    @torch.jit.unused  # the Inception stays scriptable (the tests script it as NVIDIA's file)
+    def forward_3d(self, x):                               # I3D: 3D, TF SAME padding [B.6]
+        x, pad = tf_same_pad(x, self.kernel, self.stride)
+        return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
 
 
 def tower(**units):
