@@ -29,7 +29,7 @@ What it measures, group by group (run in this order; `--only` takes the group na
 
 The training step is written here (train.py's is being reworked; this one must not move with it):
 the v-prediction MSE (Salimans & Ho 2022) of a random batch at random t, AdamW (1e-4, 0.9/0.999,
-1e-2), gradient clipping at 1.0, EMA (diffusion.EMA) and, for fp16, a GradScaler; the one-token
+1e-2), gradient clipping at 1.0, EMA (diffusion.ema_update) and, for fp16, a GradScaler; the one-token
 cross-attention parameters train.py freezes are frozen on both sides. TF32 is on for training
 and sampling (train.py's default), off for parity and metrics.
 
@@ -343,7 +343,8 @@ class Trainer:
         self.amp = amp_for(device, precision)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
-        self.ema = diffusion.EMA(net, 0.9999)
+        self.ema = copy.deepcopy(net).float().eval().requires_grad_(False)
+        self.steps = 0
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.scheduler = diffusion.DDPM()
 
@@ -367,7 +368,8 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.module)
+        self.steps += 1
+        diffusion.ema_update(self.ema, self.module, self.steps)
 
 
 def race(ck, fns, repeats=None, warmup=None):
