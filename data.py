@@ -555,7 +555,8 @@ def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
               f"fewer than the target {num_videos}")
     return written
 
-def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="cpu", seed=0):
+def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="cpu", seed=0,
+                  mean=False):
     """Encode `<root>/Videos` to `<out>/Latents/<FileName>.pt` [T, 4, h, w] (scaled latents) and
     write the normalised FileList to `<out>`, as the original's `encode_video_dataset.py`.
     Existing latents are skipped; unreadable videos are skipped and returned as messages."""
@@ -584,10 +585,13 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
         row.update({c: found[c] for c in VIDEO_COLUMNS if row[c] is None})
         # Frames x / 128 - 1 (gray: the RGB mean repeated), posterior *samples* (from the video's
         # own generator, seeded (seed, index)) times the scaling factor, batch_size frames a call.
+        # mean: the posterior means instead (the demo: its small VAE's posterior noise is about
+        # as large, in the latents, as a heartbeat's motion).
         x = from_pixels(torch.from_numpy(video).to(device), gray)  # [T, 3, H, W]
         generator = item_generator(seed, i)
         with torch.no_grad():
-            latents = [vae.encode(part).sample(generator=generator).cpu()
+            latents = [(vae.encode(part).mode() if mean else
+                        vae.encode(part).sample(generator=generator)).cpu()
                        for part in x.split(batch_size)]
         torch.save(torch.cat(latents) * vae.config.scaling_factor, dst + ".tmp")
         os.replace(dst + ".tmp", dst)
@@ -618,6 +622,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (default: 0)")
+    p.add_argument("--mean", action="store_true", help="posterior means, not samples (the demo)")
     p = commands.add_parser("reference", help="real reference frame folders for the metrics")
     p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
     p.add_argument("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
@@ -633,7 +638,7 @@ def main(argv=None):
             print(f"wrote {len(rows)} phantom videos and FileList.csv to {args.out}")
         elif args.command == "encode":
             failed = encode_videos(args.root, args.vae, args.out, args.gray_scale,
-                                   args.batch_size, args.device, args.seed)
+                                   args.batch_size, args.device, args.seed, args.mean)
             if failed:
                 print(f"{len(failed)} videos failed and were skipped:", *failed, sep="\n  ")
                 sys.exit(1)

@@ -13,6 +13,7 @@ native layout; t is always diffusion time; ef is the ejection fraction in [0, 1]
 """
 
 import contextlib
+import copy
 
 import torch
 
@@ -293,7 +294,7 @@ def predict(unet, x_t, cond, t, ef):
 
 @torch.no_grad()
 def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, guidance=1.0,
-           amp=None):
+           amp=None, residual=0.0):
     """Denoise B videos of `frames` frames (<= window, or window + k * stride) from pure noise;
     returns latents [B, frames, C, h, w] in fp32. Call scheduler.set_timesteps first.
 
@@ -301,8 +302,13 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
     noise, then its step noise), so a video does not depend on its batch. Each step runs all R
     windows of all videos in one UNet call (under `amp`, an autocast context), merges them and
     takes one scheduler step on the whole videos in fp32; guidance != 1 adds the NULL_EF pass
-    to the same call."""
+    to the same call. A UNet trained with residual k > 0 (lvdm_loss) denoises k (x0 - cond):
+    its x0 clip widens k-fold (still +-4 on x0 - cond) and the latents are cond + x / k."""
     B, C, h, w = cond.shape
+    if residual:
+        scheduler = copy.copy(scheduler)
+        scheduler.config = {**scheduler.config,
+                            "clip_sample_range": scheduler.config["clip_sample_range"] * residual}
     x = randn((B, frames, C, h, w), generators, cond.device, torch.float32)
     R = len(window_starts(frames, window, stride))  # 192 frames -> 5
     cond_w, ef_w = cond.repeat_interleave(R, 0), ef.repeat_interleave(R, 0)
@@ -316,18 +322,33 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
         if guide:
             v = guided(*v.chunk(2), guidance)
         x = scheduler.step(merge_windows(v, B, frames, window, stride), t, x, generator=generators)
-    return x
+    return cond[:, None] + x / residual if residual else x
+
+def draw_timesteps(generators, N, t_shift=0.0):
+    """One t in [0, N) per generator: uniform (the original's randint), or for t_shift p > 0
+    t = N (1 - (1 - u)^p) with u uniform in [0, 1), whose density rises towards t = N."""
+    if not t_shift:
+        return torch.cat([torch.randint(0, N, (1,), generator=g) for g in generators])
+    u = torch.cat([torch.rand(1, generator=g) for g in generators])
+    return (N * (1 - (1 - u) ** t_shift)).long().clamp(max=N - 1)
 
 def lvdm_loss(unet, scheduler, x0, cond, ef, n_real, generators, ef_dropout=0.1,
-              noise_offset=0.1, amp=None):
+              noise_offset=0.1, amp=None, residual=0.0, t_shift=0.0):
     """The LVDM's training objective (echosyn/lvdm/train.py's, with its EF dropout applied and
     its frame mask fixed): the v-prediction MSE over the real frames, a 0-dim fp32 tensor.
 
     x0 [B, F, C, h, w] clean scaled latents, zero past n_real [B] real frames; cond [B, C, h, w];
     ef [B] EF / 100; generators: one per clip, drawing its t (uniform in [0, N)), EF dropout and
-    offset noise in that order. `amp`: an autocast context for the UNet call."""
+    offset noise in that order. `amp`: an autocast context for the UNet call.
+
+    Two options for short runs (the phantom demo; 0 = the original): residual k > 0 diffuses
+    k (x0 - cond), the motion against the conditioning frame, amplified (sample() undoes it);
+    t_shift p > 0 draws t = N (1 - (1 - u)^p), u uniform, putting more clips at high noise,
+    where nothing but the EF tells the motion's amplitude (p = 2: half the clips at t >= 750)."""
     N = scheduler.config["num_train_timesteps"]
-    t = torch.cat([torch.randint(0, N, (1,), generator=g) for g in generators]).to(x0.device)
+    if residual:
+        x0 = residual * (x0 - cond[:, None])  # frames past n_real are masked out of the loss
+    t = draw_timesteps(generators, N, t_shift).to(x0.device)
     ef = torch.cat([drop_ef(ef[i:i + 1], ef_dropout, g) for i, g in enumerate(generators)])
     noise = offset_noise(x0, noise_offset, generators)
     # Forward process (Ho et al. 2020, Eq. 4) and v target (Salimans & Ho 2022), both from the

@@ -194,6 +194,16 @@ def conditioning(paths, shape, vae, generators, device):
         x = vae.encode(data.from_pixels(x)).sample(generators) * vae.config.scaling_factor
     return x
 
+def trained_residual(path):
+    """k of a UNet trained with train.py's --residual k (0: on the latents, as the original),
+    from the training_config.json of its checkpoint (export.py copies it under "config")."""
+    try:
+        with open(os.path.join(path, "training_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):  # published weights: no training config
+        return 0.0
+    return float(config.get("config", config).get("residual", 0.0))
+
 def setup(args, device):
     """The run, checked before any work: models on `device`, scheduler, conditioning files, EFs,
     the video length, and the settings that determine the written files (settings.json)."""
@@ -206,14 +216,16 @@ def setup(args, device):
         paths=list_conditioning(args.conditioning), device=device,
         efs=read_efs(args) if args.ef_from else None,
         scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
-        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
+        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
+        residual=trained_residual(unet_path))
     job.scheduler.set_timesteps(args.num_steps)
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
                                                   "min_lvef", "max_lvef", "fps")}
     job.settings.update(frames=job.frames, window=window, unet=os.path.abspath(unet_path),
                         vae=os.path.abspath(args.vae), ef_from=args.ef_from and os.path.abspath(
                             args.ef_from), conditioning=os.path.abspath(args.conditioning),
-                        device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
+                        device=device.type,  # cuda: a bf16 UNet, other bits than the CPU's
+                        residual=job.residual)
     return job
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -285,7 +297,7 @@ def sample_batch(args, job, index, formats):
         ef = torch.tensor(efs, device=job.device) / 100
         latents = diffusion.sample(job.unet, job.scheduler, x, ef, generators,
                                    max(job.frames, job.window), job.window, job.window // 2,
-                                   args.guidance, job.amp)[:, :job.frames]
+                                   args.guidance, job.amp, job.residual)[:, :job.frames]
         videos = data.decode(job.vae, latents, args.decode_chunk)
     for i, video, z in zip(index, videos, latents):
         for fmt, path in [(fmt, output_path(args.output, fmt, i)) for fmt in formats]:

@@ -63,6 +63,8 @@ CONFIG = dict(  # key=(default, what it is)
     ema_decay=(0.9999, "EMA decay cap (diffusers' EMAModel warm-up below it)"),
     noise_offset=(0.1, "offset noise strength (Guttenberg 2023)"),
     ef_dropout=(0.1, "share of clips trained with NULL_EF, for guidance (applied here)"),
+    residual=(0.0, "diffuse k (x0 - cond) instead of x0 (0: x0, the original's)"),
+    t_shift=(0.0, "t = N (1 - (1 - u)^p): more high-noise clips (0: uniform, the original's)"),
     recon_loss=("l1", "VAE: reconstruction loss, l1 or mse"),
     kl_weight=(1e-6, "VAE: KL weight (latent diffusion's KL-reg)"),
     seed=(42, "seeds the weights, data order and noise"),
@@ -143,6 +145,9 @@ def resolve_config(argv=None):
         raise ConfigError(f"{key} must be >= {AT_LEAST[key]}, got {cfg[key]}")
     if not 0 <= cfg["ef_dropout"] <= 1:
         raise ConfigError(f"ef_dropout must be in [0, 1], got {cfg['ef_dropout']}")
+    for key in ("residual", "t_shift"):
+        if not 0 <= cfg[key] < float("inf"):
+            raise ConfigError(f"{key} must be a finite number >= 0, got {cfg[key]}")
     return cfg, args.dry_run
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
@@ -238,7 +243,8 @@ def loss_of(net, batch, generators, cfg, amp, device):
     if cfg["model"] == "unet":
         x0, cond, ef, n_real = (batch[k].to(device) for k in ("latents", "cond", "ef", "n_real"))
         return diffusion.lvdm_loss(net, diffusion.DDPM(), x0, cond, ef, n_real, generators,
-                                   cfg["ef_dropout"], cfg["noise_offset"], amp)
+                                   cfg["ef_dropout"], cfg["noise_offset"], amp,
+                                   cfg["residual"], cfg["t_shift"])
     x = batch.to(device)
     with amp:
         recon, posterior = net(x, sample_posterior=True, generator=generators)
@@ -354,7 +360,7 @@ def preview(ema, path, example, vae, cfg, amp, device):
     sampler.set_timesteps(cfg["preview_steps"])
     gens = [data.item_generator(cfg["seed"], i) for i in range(n)]
     x = diffusion.sample(ema, sampler, cond.expand(n, *cond.shape), efs, gens, Fr, window=Fr,
-                         guidance=cfg["preview_guidance"], amp=amp)
+                         guidance=cfg["preview_guidance"], amp=amp, residual=cfg["residual"])
     real = latent_pixels(example["latents"].to(device), vae)  # [F, H, W, 3]
     real[int(example["n_real"]):] = 0  # zero padding past the clip's end: black
     first = np.broadcast_to(latent_pixels(cond[None], vae), real.shape)
@@ -393,6 +399,7 @@ def train(cfg):
         f"steps per epoch; batch {G} = {world} processes x {accum} accumulation x {micro}; "
         f"{device}, {precision}")
     since, data_s, t0 = [], 0.0, time.time()  # (loss, grad norm) of the steps since the last log
+    train_s = 0.0  # seconds of training steps in this process (checkpoints and previews apart)
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
     with bar:  # closed on errors too, before main() prints the error
         while step < cfg["max_steps"]:
@@ -461,10 +468,12 @@ def train(cfg):
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if master and (step % cfg["log_every"] == 0 or step == cfg["max_steps"]):
                 seconds = time.time() - t0
+                train_s += seconds
                 mean_loss, mean_norm = np.mean(since, axis=0).tolist()
                 line = {"step": step, "epoch": (step - 1) // epoch_steps, "lr": lr,
                         "loss": mean_loss, "grad_norm": mean_norm,
-                        "clips_per_s": len(since) * G / seconds, "data_wait": data_s / seconds}
+                        "clips_per_s": len(since) * G / seconds, "data_wait": data_s / seconds,
+                        "train_s": train_s}
                 with open(os.path.join(out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(line) + "\n")
                 since, data_s, t0 = [], 0.0, time.time()

@@ -29,7 +29,7 @@ What it measures, group by group (run in this order; `--only` takes the group na
 
 The training step is written here (train.py's is being reworked; this one must not move with it):
 the v-prediction MSE (Salimans & Ho 2022) of a random batch at random t, AdamW (1e-4, 0.9/0.999,
-1e-2), gradient clipping at 1.0, EMA (diffusion.ema_update) and, for fp16, a GradScaler; the one-token
+1e-2), gradient clipping at 1.0, EMA (diffusion.ema_update), for fp16 a GradScaler; the one-token
 cross-attention parameters train.py freezes are frozen on both sides. TF32 is on for training
 and sampling (train.py's default), off for parity and metrics.
 

@@ -360,3 +360,23 @@ def test_encode_skips_finished_latents_and_reports_a_corrupt_video(tmp_path, cap
         data.main(command)
     assert os.path.getmtime(root / "Latents" / "a.pt") == mtime
     assert torch.load(root / "Latents" / "b.pt", weights_only=True).shape == (5, 4, 14, 14)
+
+
+def test_encode_mean_writes_the_posterior_means(tmp_path):
+    """encode --mean: the VAE's posterior means times the scaling factor, whatever the seed."""
+    import model
+    torch.manual_seed(0)
+    vae = model.AutoencoderKL(model.VAE_PRESETS["tiny"])
+    vae.save_pretrained(str(tmp_path / "vae"))
+    root = tmp_path / "ph"
+    data.make_phantom(str(root), num_videos=2, seed=0)
+    out = []
+    for seed in ("0", "5"):
+        data.main(["encode", "--root", str(root), "--vae", str(tmp_path / "vae"), "--gray-scale",
+                   "--device", "cpu", "--mean", "--seed", seed, "--out", str(tmp_path / seed)])
+        out.append(torch.load(tmp_path / seed / "Latents" / "phantom_00000.pt", weights_only=True))
+    video, _ = data.read_video(str(root / "Videos" / "phantom_00000.avi"))
+    with torch.no_grad():
+        mean = vae.encode(data.from_pixels(torch.from_numpy(video), True)).mode()
+    assert torch.equal(out[0], out[1])
+    torch.testing.assert_close(out[0], mean * vae.config.scaling_factor, atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ tiny UNet's num_frames), so 16 frames stitch 3 windows as 192 frames stitch 5 in
 
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -176,6 +177,35 @@ def test_guidance_mixes_in_the_null_ef_prediction():
         gens = [data.item_generator(1, i) for i in range(2)]
         runs.append(diffusion.sample(unet, scheduler, cond, e, gens, 12, 8, 4, guidance))
     torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+
+
+def test_residual_unet_samples_motion_around_the_conditioning_frame():
+    """A UNet trained with --residual k denoises k (x0 - cond): diffusion.sample returns
+    cond + x / k, where x is the plain sampler's output with its x0 clip widened to 4 k; and
+    sample.py reads k from the training config of a checkpoint or an exported folder."""
+    def unet(x, t, ef, ids):  # a v that drives x0 far past +-4, so the clip matters
+        return x[:, :, :4] * 0 - 30.0 * ef.view(-1, 1, 1, 1, 1)
+
+    cond, ef, k = torch.randn(2, 4, 6, 6), torch.tensor([0.3, 0.7]), 8.0
+    runs = []
+    for residual, clip in ((k, 4.0), (0.0, 4.0 * k)):
+        scheduler = diffusion.DDIM(clip_sample_range=clip)
+        scheduler.set_timesteps(4)
+        gens = [data.item_generator(1, i) for i in range(2)]
+        runs.append(diffusion.sample(unet, scheduler, cond, ef, gens, 8, 8, 4, 1.0,
+                                     residual=residual))
+    assert runs[1].abs().max() > 4.0  # the widened clip let x0 past +-4
+    assert torch.equal(runs[0], cond[:, None] + runs[1] / k)
+
+
+def test_trained_residual_read_from_checkpoint_or_export(tmp_path):
+    for folder, content in (("ck", {"residual": 8.0}), ("ex", {"config": {"residual": 4.0}}),
+                            ("paper", {"config": {}}), ("published", None)):
+        os.makedirs(tmp_path / folder)
+        if content is not None:
+            (tmp_path / folder / "training_config.json").write_text(json.dumps(content))
+    got = [sample.trained_residual(str(tmp_path / f)) for f in ("ck", "ex", "paper", "published")]
+    assert got == [8.0, 4.0, 0.0, 0.0]
 
 
 # --- files -------------------------------------------------------------------------------------

@@ -200,6 +200,37 @@ def test_loss_ignores_padded_frames():
     assert (grad[0] > 0).all() and (grad[1, :2] > 0).all() and (grad[1, 2:] == 0).all()
 
 
+def test_residual_and_t_shift_options_of_the_loss():
+    """The demo's options of diffusion.lvdm_loss: residual k is the plain loss of k (x0 - cond);
+    t_shift 0 is the original's uniform draw, bit for bit; t_shift 2 puts half the clips at
+    t >= 750 (uniform: a quarter), every t in [0, 1000)."""
+    seen = []
+
+    def fake_unet(x, t, ef, ids):
+        seen.append(t.clone())
+        return x[:, :, :4] * 0.5 + x[:, :, 4:].mean()  # depends on x_t and cond
+
+    g = torch.Generator().manual_seed(3)
+    x0, cond = torch.randn(2, 6, 4, 14, 14, generator=g), torch.randn(2, 4, 14, 14, generator=g)
+    ef, n = torch.tensor([0.3, 0.6]), torch.tensor([6, 4])
+
+    def loss(x, **kw):
+        gens = [data.item_generator(0, 0, i) for i in range(2)]
+        return diffusion.lvdm_loss(fake_unet, diffusion.DDPM(), x, cond, ef, n, gens, **kw)
+
+    assert torch.equal(loss(x0, residual=8.0), loss(8.0 * (x0 - cond[:, None])))
+    assert torch.equal(loss(x0, t_shift=0.0), loss(x0))
+    gens = [data.item_generator(0, 0, i) for i in range(4000)]
+    uniform = diffusion.draw_timesteps([data.item_generator(0, 0, i) for i in range(4000)], 1000)
+    assert torch.equal(uniform, torch.cat([torch.randint(0, 1000, (1,), generator=g)
+                                           for g in gens]))
+    gens = [data.item_generator(0, 0, i) for i in range(4000)]
+    shifted = diffusion.draw_timesteps(gens, 1000, 2.0)
+    assert 0 <= int(shifted.min()) and int(shifted.max()) <= 999
+    assert 0.47 < (shifted >= 750).float().mean() < 0.53  # 0.5 +- 0.008 (binomial sd)
+    assert 0.22 < (uniform >= 750).float().mean() < 0.28
+
+
 def test_tiny_config_overfits_one_batch():
     """The tiny UNet with tiny.json's optimizer settings fits one fixed batch (fixed noise, t and
     EF, one padded clip): the loss falls more than 10x in 25 steps. Objective, conditioning and

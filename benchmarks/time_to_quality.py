@@ -1,0 +1,135 @@
+"""Time to quality of the phantom demo: how well a trained LVDM follows the EF it is asked for,
+scored exactly as a user scores it (sample.py writes the videos, evaluate.py --metrics ef
+measures their EF), against training minutes and steps, and over guidance and samplers.
+
+    python benchmarks/time_to_quality.py curve --run demo/runs/lvdm --data demo/phantom \
+        --vae demo/models/vae --out demo/curve          # every checkpoint -> curve.png
+    python benchmarks/time_to_quality.py sweep --unet demo/models/lvdm --data demo/phantom \
+        --vae demo/models/vae --out demo/sweep          # guidance x samplers -> sweep.md
+
+`make demo-curve` and `make demo-sweep` run these after `make demo`. The videos are
+conditioned on the TEST phantoms' frames (sample.py's default split); nothing here is tuned
+on them. curve.png: r and MAE against training minutes (log.jsonl's train_s), steps marked.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import PIL.Image
+import PIL.ImageDraw
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def score(unet, args, out, guidance, sampler="ddim", steps=10):
+    """Samples args.samples videos from `unet` into out/ and returns evaluate.py's EF row."""
+    run = [sys.executable, os.path.join(HERE, "sample.py"), "--unet", unet, "--vae", args.vae,
+           "--conditioning", args.data, "--output", out, "--num_samples", str(args.samples),
+           "--batch_size", str(args.samples), "--frames", "24", "--fps", "16",
+           "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
+           "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg"]
+    subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
+    results = os.path.join(out, "results.jsonl")
+    subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--fake",
+                    os.path.join(out, "jpg"), "--real", args.data, "--metrics", "ef",
+                    "--out", results], check=True, stdout=subprocess.DEVNULL)
+    with open(results) as f:
+        return json.loads(f.readlines()[-1])["results"]
+
+
+def panel(draw, box, xs, ys, ylim, title, goal, labels):
+    """A line chart of ys against xs in box (x0, y0, x1, y1); goal dashed; labels under x."""
+    x0, y0, x1, y1 = box
+    def X(x):
+        return x0 + 10 + x / (max(xs) or 1) * (x1 - x0 - 20)
+
+    def Y(y):  # clipped to the panel
+        return y1 - (min(max(y, ylim[0]), ylim[1]) - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0)
+    draw.rectangle(box, outline=(110, 110, 110))
+    draw.text((x0, y0 - 16), title, fill=(0, 0, 0))
+    for v in (ylim[0], (ylim[0] + ylim[1]) / 2, ylim[1]):
+        draw.text((x0 - 34, Y(v) - 6), f"{v:g}", fill=(0, 0, 0))
+    for x in range(x0, x1, 10):  # the goal of the demo, dashed
+        draw.line((x, Y(goal), x + 5, Y(goal)), fill=(0, 150, 0))
+    points = [(X(x), Y(y)) for x, y in zip(xs, ys)]
+    draw.line(points, fill=(200, 30, 30), width=2)
+    for (px, py), y, label in zip(points, ys, labels):
+        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=(200, 30, 30))
+        draw.text((px - 12, py - 16), f"{y:.2f}" if abs(y) < 1 else f"{y:.1f}", fill=(0, 0, 0))
+        draw.text((px - 14, y1 + 4), label, fill=(60, 60, 60))
+    draw.text((x0 + (x1 - x0) // 2 - 90, y1 + 32), "training minutes (steps)", fill=(0, 0, 0))
+
+
+def draw_curve(path, points):
+    """curve.png: EF Pearson r and MAE of each scored checkpoint against training minutes."""
+    img = PIL.Image.new("RGB", (800, 320), "white")
+    draw = PIL.ImageDraw.Draw(img)
+    xs = [p["minutes"] for p in points]
+    labels = [f"{p['minutes']:.1f} ({p['step']})" for p in points]
+    panel(draw, (50, 30, 380, 250), xs, [p["r"] for p in points], (-0.2, 1.0),
+          "EF Pearson r (goal >= 0.8, dashed)", 0.8, labels)
+    panel(draw, (450, 30, 780, 250), xs, [p["mae"] for p in points], (0, 40),
+          "EF MAE, points (goal <= 10, dashed)", 10, labels)
+    img.save(path)
+
+
+def curve(args):
+    """Scores every complete checkpoint of the run; writes curve.json, curve.png, a table."""
+    steps = sorted(int(n[11:]) for n in os.listdir(args.run)
+                   if n.startswith("checkpoint-") and n[11:].isdigit())
+    with open(os.path.join(args.run, "log.jsonl")) as f:
+        seconds = {row["step"]: row.get("train_s", 0.0) for row in map(json.loads, f)}
+    points = []
+    for step in steps:
+        ef = score(os.path.join(args.run, f"checkpoint-{step}"), args,
+                   os.path.join(args.out, f"step-{step}"), args.guidance)
+        points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60,
+                       "r": ef["ef_pearson_r"], "mae": ef["ef_mae"], "n": ef["ef_n"]})
+        print(f"step {step:5d}  {points[-1]['minutes']:5.1f} min  r {points[-1]['r']:.3f}  "
+              f"MAE {points[-1]['mae']:.2f}", flush=True)
+    with open(os.path.join(args.out, "curve.json"), "w") as f:
+        json.dump(points, f, indent=1)
+    draw_curve(os.path.join(args.out, "curve.png"), points)
+    print(f"wrote {args.out}/curve.png and curve.json")
+
+
+def sweep(args):
+    """Guidance 1 / 1.5 / 2 / 3 at DDIM 10, then DDIM 10 / 20 / 50 and DDPM 64 at guidance 3."""
+    cases = [(g, "ddim", 10) for g in (1.0, 1.5, 2.0, 3.0)]
+    cases += [(3.0, "ddim", 20), (3.0, "ddim", 50), (3.0, "ddpm", 64)]
+    lines = ["| guidance | sampler | steps | EF r | EF MAE |", "|---|---|---|---|---|"]
+    for g, sampler, steps in cases:
+        ef = score(args.unet, args, os.path.join(args.out, f"g{g:g}-{sampler}{steps}"), g,
+                   sampler, steps)
+        lines.append(f"| {g:g} | {sampler.upper()} | {steps} | {ef['ef_pearson_r']:.3f} | "
+                     f"{ef['ef_mae']:.2f} |")
+        print(lines[-1], flush=True)
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}/sweep.md")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["curve", "sweep"])
+    p.add_argument("--run", help="curve: the LVDM run folder (its checkpoint-<step>/ folders)")
+    p.add_argument("--unet", help="sweep: the LVDM model folder")
+    p.add_argument("--data", required=True, help="the phantom dataset (conditioning frames)")
+    p.add_argument("--vae", required=True, help="the VAE model folder")
+    p.add_argument("--out", required=True, help="where the videos and results go")
+    p.add_argument("--samples", type=int, default=32, help="videos per point (default: 32)")
+    p.add_argument("--guidance", type=float, default=3.0, help="curve: guidance (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="sample.py --seed (default: 0)")
+    args = p.parse_args()
+    if not (args.run if args.mode == "curve" else args.unet):
+        p.error(f"{args.mode} needs --{'run' if args.mode == 'curve' else 'unet'}")
+    os.makedirs(args.out, exist_ok=True)
+    (curve if args.mode == "curve" else sweep)(args)
+
+
+if __name__ == "__main__":
+    main()
