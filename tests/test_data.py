@@ -369,7 +369,10 @@ def test_encode_mean_writes_the_posterior_means(tmp_path):
     vae = model.AutoencoderKL(model.VAE_PRESETS["tiny"])
     vae.save_pretrained(str(tmp_path / "vae"))
     root = tmp_path / "ph"
-    data.make_phantom(str(root), num_videos=2, seed=0)
+    write_csv(root / "FileList.csv", ["FileName", "EF", "Split"], [["phantom_00000.avi", 40, 3]])
+    os.makedirs(root / "Videos")
+    frames = data.phantom_video(np.random.default_rng(0), 6, 50)[0]
+    data.save_video(str(root / "Videos" / "phantom_00000.avi"), frames, 50)
     out = []
     for seed in ("0", "5"):
         data.main(["encode", "--root", str(root), "--vae", str(tmp_path / "vae"), "--gray-scale",
