@@ -590,9 +590,9 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
         x = from_pixels(torch.from_numpy(video).to(device), gray)  # [T, 3, H, W]
         generator = item_generator(seed, i)
         with torch.no_grad():
-            latents = [(vae.encode(part).mode() if mean else
-                        vae.encode(part).sample(generator=generator)).cpu()
-                       for part in x.split(batch_size)]
+            posteriors = [vae.encode(part) for part in x.split(batch_size)]
+            latents = [(p.mode() if mean else p.sample(generator=generator)).cpu()
+                       for p in posteriors]
         torch.save(torch.cat(latents) * vae.config.scaling_factor, dst + ".tmp")
         os.replace(dst + ".tmp", dst)
     filelist = os.path.join(out, "FileList.csv")

@@ -237,12 +237,14 @@ def frames_in(batch):
     """The frames a micro-batch's loss is a mean over: an LVDM batch's real ones, VAE frames."""
     return int(batch["n_real"].sum()) if isinstance(batch, dict) else len(batch)
 
+FORWARD_PROCESS = diffusion.DDPM()  # the noise schedule of the loss, built once, not per step
+
 def loss_of(net, batch, generators, cfg, amp, device):
     """A micro-batch's loss, a 0-dim fp32 mean over its frames_in(batch); one generator per item.
     LVDM: diffusion.lvdm_loss. VAE: reconstruction + KL of frames [B, 3, H, W]."""
     if cfg["model"] == "unet":
         x0, cond, ef, n_real = (batch[k].to(device) for k in ("latents", "cond", "ef", "n_real"))
-        return diffusion.lvdm_loss(net, diffusion.DDPM(), x0, cond, ef, n_real, generators,
+        return diffusion.lvdm_loss(net, FORWARD_PROCESS, x0, cond, ef, n_real, generators,
                                    cfg["ef_dropout"], cfg["noise_offset"], amp,
                                    cfg["residual"], cfg["t_shift"])
     x = batch.to(device)
