@@ -18,7 +18,7 @@ VAE_STEPS ?= 600
 LVDM_STEPS ?= 300
 CURVE_EVERY ?= 100
 SAMPLES ?= 32
-SAMPLE_STEPS ?= 10
+SAMPLE_STEPS ?= 5
 GUIDANCE ?= 3
 REF_FPS ?= 32
 SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
@@ -55,7 +55,7 @@ demo-sweep:
 	    --out $(DEMO)/sweep
 
 demo-long:
-	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=400 LVDM_STEPS=1500 CURVE_EVERY=250
+	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=1200 LVDM_STEPS=1500 CURVE_EVERY=250
 	$(MAKE) demo-curve DEMO=demo-long
 
 metrics:
