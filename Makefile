@@ -20,7 +20,7 @@ CURVE_EVERY ?= 100
 SAMPLES ?= 32
 SAMPLE_STEPS ?= 5
 GUIDANCE ?= 3
-REF_FPS ?= 32
+REF_FPS ?= 16
 SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
 
 .PHONY: demo demo-curve demo-sweep demo-long metrics test clean-demo
@@ -48,7 +48,7 @@ demo:
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
-	    --out $(DEMO)/curve --guidance $(GUIDANCE)
+	    --out $(DEMO)/curve --guidance $(GUIDANCE) --steps $(SAMPLE_STEPS)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
