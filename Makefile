@@ -14,13 +14,13 @@ PY ?= python
 DEMO ?= demo
 SEED ?= 0
 VIDEOS ?= 48
-VAE_STEPS ?= 150
+VAE_STEPS ?= 600
 LVDM_STEPS ?= 300
 CURVE_EVERY ?= 100
 SAMPLES ?= 32
-SAMPLE_STEPS ?= 10
+SAMPLE_STEPS ?= 5
 GUIDANCE ?= 3
-REF_FPS ?= 32
+REF_FPS ?= 16
 SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
 
 .PHONY: demo demo-curve demo-sweep demo-long metrics test clean-demo
@@ -48,14 +48,14 @@ demo:
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
-	    --out $(DEMO)/curve --guidance $(GUIDANCE)
+	    --out $(DEMO)/curve --guidance $(GUIDANCE) --steps $(SAMPLE_STEPS)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
 	    --out $(DEMO)/sweep
 
 demo-long:
-	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=400 LVDM_STEPS=1500 CURVE_EVERY=250
+	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=1200 LVDM_STEPS=1500 CURVE_EVERY=250
 	$(MAKE) demo-curve DEMO=demo-long
 
 metrics:

@@ -67,6 +67,7 @@ CONFIG = dict(  # key=(default, what it is)
     t_shift=(0.0, "t = N (1 - (1 - u)^p): more high-noise clips (0: uniform, the original's)"),
     recon_loss=("l1", "VAE: reconstruction loss, l1 or mse"),
     kl_weight=(1e-6, "VAE: KL weight (latent diffusion's KL-reg)"),
+    unit_latents=(False, "VAE: scaling_factor = 1 / std of TRAIN latents (off: the preset's)"),
     seed=(42, "seeds the weights, data order and noise"),
     # performance
     device=("auto", "auto (cuda:LOCAL_RANK if there is a GPU), cpu, cuda"),
@@ -302,10 +303,22 @@ def prepare_run_folder(cfg, step):
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
+@torch.no_grad()
+def unit_scale(cfg, vae, device):
+    """Latent diffusion's scaling factor (Rombach et al. 2022, sec. 4.3.2; 0.18215 for Stable
+    Diffusion's VAE): 1 / std of the VAE's posterior means of 64 evenly spaced TRAIN frames, so
+    that the LVDM sees latents of unit variance, the scale its noise schedule assumes."""
+    frames = make_dataset(cfg, "TRAIN")
+    picks = np.linspace(0, len(frames) - 1, 64).round().astype(int)
+    return 1 / vae.encode(torch.stack([frames[int(i)] for i in picks]).to(device)).mode().std()
+
 def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
     """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept). Its JSON
     files are model_config.json and training_config.json, not config.json: the folder is no
-    diffusers model folder (export.py makes one)."""
+    diffusers model folder (export.py makes one). A VAE with unit_latents gets its scale here."""
+    if cfg["model"] == "vae" and cfg["unit_latents"]:
+        device = next(ema.parameters()).device
+        ema.config.scaling_factor = net.config.scaling_factor = unit_scale(cfg, ema, device).item()
     model.save_checkpoint(cfg["out"], step, {
         "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
         "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},

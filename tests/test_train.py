@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -427,8 +428,11 @@ def test_preview_png_and_gif_decoded_with_a_vae(tmp_path):
 
 def test_vae_mode_trains_and_previews(tmp_path):
     """--model vae trains AutoencoderKL on phantom frames with the same loop: log, checkpoint
-    (AutoencoderKL config) and a real | reconstructed PNG."""
+    (AutoencoderKL config; unit_latents, as the demo's config asks: scaling_factor = 1 / std of
+    the checkpoint's posterior means of 64 evenly spaced TRAIN frames) and a real | reconstructed
+    PNG."""
     import data
+    import export
 
     root = tmp_path / "phantom"
     data.make_phantom(str(root), num_videos=2, seed=0)
@@ -439,8 +443,16 @@ def test_vae_mode_trains_and_previews(tmp_path):
     from PIL import Image
 
     assert Image.open(out / "previews" / "step-2.png").size == (2 * 112, 12 + 8 * 112)
-    assert json.load(open(out / "checkpoint-2" / "model_config.json"))["_class_name"] == (
-        "AutoencoderKL")
+    config = json.load(open(out / "checkpoint-2" / "model_config.json"))
+    assert config["_class_name"] == "AutoencoderKL"
+    export.export(str(out), str(tmp_path / "vae"))
+    vae = model.load_model(str(tmp_path / "vae"))
+    frames = data.FrameDataset(str(root), "TRAIN")
+    picks = np.linspace(0, len(frames) - 1, 64).round().astype(int)
+    with torch.no_grad():
+        z = vae.encode(torch.stack([frames[int(i)] for i in picks])).mode()
+    assert config["scaling_factor"] == vae.config.scaling_factor != 0.18215
+    assert abs(vae.config.scaling_factor * z.std().item() - 1) < 1e-6
     losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
 
