@@ -87,8 +87,14 @@ CONFIG = dict(  # key=(default, what it is)
 )
 CHOICES = dict(model=["unet", "vae"], precision=["fp32", "bf16", "fp16"],
                preview_sampler=["ddpm", "ddim"], recon_loss=["l1", "mse"])
-AT_LEAST = dict(batch_size=1, batch_per_gpu=1, frames=1, keep=1, checkpoint_every=1, log_every=1,
-                preview_steps=1, max_steps=0, warmup=0, workers=0, preview_every=0)
+# Every number's range (low, high or None), checked before any work; NaN and inf fail too.
+RANGES = dict(batch_size=(1, None), batch_per_gpu=(1, None), frames=(1, None), fps=(1, None),
+              max_steps=(0, None), lr=(0, None), warmup=(0, None), weight_decay=(0, None),
+              adam_eps=(0, None), grad_clip=(0, None), ema_decay=(0, 1), noise_offset=(0, None),
+              ef_dropout=(0, 1), residual=(0, None), t_shift=(0, None), kl_weight=(0, None),
+              seed=(0, None), workers=(0, None), checkpoint_every=(1, None), keep=(1, None),
+              preview_every=(0, None), preview_steps=(1, 1000), preview_guidance=(0, None),
+              log_every=(1, None))
 
 class ConfigError(Exception):
     """A bad config file, key or value; the message names it."""
@@ -141,13 +147,7 @@ def resolve_config(argv=None):
         args = parser.parse_args(file_flags(args.config) + argv)
     cfg = {k: getattr(args, k) for k in CONFIG}
     cfg["vae"] = None if str(cfg["vae"]).lower() in ("", "none", "null") else cfg["vae"]
-    for key in [k for k, least in AT_LEAST.items() if cfg[k] < least]:
-        raise ConfigError(f"{key} must be >= {AT_LEAST[key]}, got {cfg[key]}")
-    if not 0 <= cfg["ef_dropout"] <= 1:
-        raise ConfigError(f"ef_dropout must be in [0, 1], got {cfg['ef_dropout']}")
-    for key in ("residual", "t_shift"):
-        if not 0 <= cfg[key] < float("inf"):
-            raise ConfigError(f"{key} must be a finite number >= 0, got {cfg[key]}")
+    data.check_ranges(cfg, RANGES)
     return cfg, args.dry_run
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
@@ -294,23 +294,24 @@ def prepare_run_folder(cfg, step):
     if os.path.isfile(log):
         with open(log) as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(log + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log + ".tmp", log)
+        data.save_text(log, "".join(kept))
     for name in [n for n in os.listdir(out) if n.startswith(".tmp-")]:
         shutil.rmtree(os.path.join(out, name))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    data.save_text(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
 
 def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
     """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept). Its JSON
     files are model_config.json and training_config.json, not config.json: the folder is no
     diffusers model folder (export.py makes one)."""
-    model.save_checkpoint(cfg["out"], step, {
-        "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
-        "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
-        "scaler": scaler.state_dict() if scaler else {}, "training_config": cfg,
-        "model_config": model.config_to_dict(net)}, cfg["keep"])
+    try:
+        model.save_checkpoint(cfg["out"], step, {
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
+            "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
+            "scaler": scaler.state_dict() if scaler else {}, "training_config": cfg,
+            "model_config": model.config_to_dict(net)}, cfg["keep"])
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
+        raise TrainingError(f"{cfg['out']}/checkpoint-{step} not written ({e}): the earlier "
+                            "checkpoints are intact") from None
 
 # --- previews ------------------------------------------------------------------------------------
 
@@ -502,11 +503,13 @@ def main(argv=None):
         if dry_run and rank == 0:
             print(json.dumps(cfg, indent=2))
         if not dry_run:
-            train(cfg)
-    except (ConfigError, TrainingError, data.DataError, model.ModelLoadError) as e:
+            with data.locked(cfg["out"], "--out") if rank == 0 else nullcontext():
+                train(cfg)
+    except (ConfigError, TrainingError, data.DataError, model.ModelLoadError, OSError) as e:
         # One line, no traceback. A DataLoader worker's error arrives with the worker's traceback
         # in its message: keep its last line, and print it from whichever process met it.
-        message, from_worker = str(e).strip(), "Original Traceback" in str(e)
+        message = data.os_error(e) if isinstance(e, OSError) else str(e).strip()
+        from_worker = "Original Traceback" in message
         if from_worker:
             message = message.splitlines()[-1].split(": ", 1)[-1]
         if rank == 0 or from_worker:
