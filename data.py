@@ -128,17 +128,12 @@ def write_whole(path, write):
         shutil.rmtree(tmp) if os.path.isdir(tmp) else os.path.lexists(tmp) and os.remove(tmp)
         raise DataError(f"{(e.strerror or str(e)).lower()} while writing {path}") from None
 
-def save_tensor(path, x):
-    """torch.save through write_whole (a file object, so that a full disk is an OSError)."""
+def save(path, value):
+    """write_whole for a str (as text) or anything torch.save takes (through a file object, so
+    that a full disk is an OSError, not torch's RuntimeError)."""
     def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(x, f)
-    write_whole(path, write)
-
-def save_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "w" if isinstance(value, str) else "wb") as f:
+            f.write(value) if isinstance(value, str) else torch.save(value, f)
     write_whole(path, write)
 
 def check_ranges(values, ranges, dash="-"):
@@ -330,15 +325,13 @@ class LatentVideoDataset(torch.utils.data.Dataset):
                 raise DataError(f"{root}: no Latents/ folder (python data.py encode --root {root})")
             rows = [r for r in read_filelist(root, probe=False) if r["Split"] in splits]
             paths = [os.path.join(root, "Latents", r["FileName"] + ".pt") for r in rows]
-            for row, path in zip(rows, paths):
-                if not os.path.isfile(path):
-                    continue
+            found = [(row, path) for row, path in zip(rows, paths) if os.path.isfile(path)]
+            for row, path in found:
                 if row["FPS"] is None or row["NumberOfFrames"] is None:
                     raise DataError(f"{root}/FileList.csv: no FPS/NumberOfFrames for {path}")
                 if row["NumberOfFrames"] / row["FPS"] > frames / fps:
                     self.items.append((path, row["FPS"], row["EF"] / 100, row["FileName"]))
-            missing = sum(not os.path.isfile(p) for p in paths)
-            if missing:
+            if missing := len(paths) - len(found):
                 warnings.warn(f"{root}: {missing} {split} videos have no latent and are left out",
                               stacklevel=2)
         if not self.items:
@@ -700,9 +693,9 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
                 latents = [(p.mode() if mean else p.sample(generator=generator)).cpu()
                            for p in posteriors]
             if not recorded:                                   # with the first latent, not before
-                save_text(os.path.join(folder, "settings.json"), json.dumps(settings, indent=2))
+                save(os.path.join(folder, "settings.json"), json.dumps(settings, indent=2))
                 recorded = True
-            save_tensor(dst, torch.cat(latents) * vae.config.scaling_factor)
+            save(dst, torch.cat(latents) * vae.config.scaling_factor)
         filelist = os.path.join(out, "FileList.csv")
         backup = os.path.join(root, "FileList_ORIGINAL.csv")
         if os.path.samefile(root, out) and not os.path.exists(backup):
@@ -755,10 +748,8 @@ def main(argv=None):
         else:
             written = make_reference(args.root, args.out, args.frames, args.fps, args.num_videos)
             print(f"{written} reference videos in {args.out}")
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error(e)}")
+    except (DataError, OSError) as e:
+        sys.exit(f"error: {os_error(e) if isinstance(e, OSError) else e}")
 
 if __name__ == "__main__":
     main()

@@ -77,8 +77,7 @@ HINTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ ->
          "export.py)", "give --conditioning a folder of [4, 14, 14] .pt latents or of 112x112 "
          ".jpg/.png frames (e.g. frames of real echos)")
 
-class SampleError(Exception):
-    """Bad input; the message names the flag or file and what is wrong (main exits cleanly)."""
+SampleError = data.DataError  # bad input: the message names the flag or file and what is wrong
 
 # --- inputs ------------------------------------------------------------------------------------
 
@@ -251,7 +250,7 @@ def prepare_output(args, formats, job):
                         "--output")
     for fmt in formats:
         os.makedirs(os.path.join(out, fmt), exist_ok=True)
-    data.save_text(path, json.dumps(job.settings, indent=2))
+    data.save(path, json.dumps(job.settings, indent=2))
     todo = [i for i in range(args.num_samples) if i not in finished(out, formats)]
     for i in sorted({i % len(job.paths) for i in todo}):
         read_conditioning(job.paths[i], job.shape)
@@ -273,7 +272,7 @@ def sample_batch(args, job, index, formats):
     for i, video, z in zip(index, videos, latents):
         for fmt, path in [(fmt, output_path(args.output, fmt, i)) for fmt in formats]:
             if fmt == "pt":
-                data.save_tensor(path, z.cpu().clone())
+                data.save(path, z.cpu().clone())
             else:
                 data.save_video(path, video, args.fps, fmt)
 
@@ -339,9 +338,9 @@ def main(argv=None):
         parser.error(f"--save_as {args.save_as}: choose from {','.join(FORMATS)}")
     try:
         run(args, formats)
-    except (SampleError, model.ModelLoadError, data.DataError, OSError) as e:
+    except (model.ModelLoadError, data.DataError, OSError) as e:  # one line, once
         message = data.os_error(e) if isinstance(e, OSError) else e
-        sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, once
+        sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command again to finish (finished videos are kept)")
     finally:

@@ -294,10 +294,10 @@ def prepare_run_folder(cfg, step):
     if os.path.isfile(log):
         with open(log) as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        data.save_text(log, "".join(kept))
+        data.save(log, "".join(kept))
     for name in [n for n in os.listdir(out) if n.startswith(".tmp-")]:
         shutil.rmtree(os.path.join(out, name))
-    data.save_text(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
+    data.save(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
 
 def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
     """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept). Its JSON
@@ -378,10 +378,10 @@ def train(cfg):
     # Setup: processes, batch arithmetic, precision, data, model, resume, run folder, previews.
     device, rank, world = setup_processes(cfg)
     ddp, master, out, G = dist.is_initialized(), rank == 0, cfg["out"], cfg["batch_size"]
-    log = print if master else (lambda *a, **k: None)
+    log = print if master else (lambda *a, **k: None)  # rank 0 speaks for all
     micro, accum = split_batch(G, cfg["batch_per_gpu"], world)
     amp, scaler, precision = mixed_precision(cfg, device)
-    train_set = make_dataset(cfg, "TRAIN")
+    train_set = make_dataset(cfg, "TRAIN")  # every latent's shape is read here, before step 1
     if len(train_set) < G:
         raise data.DataError(f"{len(train_set)} training items in {', '.join(cfg['data'])}: "
                              f"fewer than one global batch ({G})")
@@ -398,13 +398,12 @@ def train(cfg):
     batches = global_batches(train_set, cfg, rank, world, micro, step, device.type == "cuda")
     epoch_steps = len(train_set) // G
     log(f"{cfg['model']} '{cfg['preset']}': {model.count_parameters(net):,} parameters, "
-        f"{sum(p.numel() for p in params):,} trained; {len(train_set)} items, {epoch_steps} "
-        f"steps per epoch; batch {G} = {world} processes x {accum} accumulation x {micro}; "
-        f"{device}, {precision}")
-    since, data_s, t0 = [], 0.0, time.time()  # (loss, grad norm) of the steps since the last log
-    train_s = 0.0  # seconds of training steps in this process (checkpoints and previews apart)
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
-    with bar:  # closed on errors too, before main() prints the error
+        f"{sum(p.numel() for p in params):,} trained; {len(train_set)} items, {epoch_steps} steps"
+        f" per epoch; batch {G} = {world} processes x {accum} accumulation x {micro}; {device}, "
+        f"{precision}")
+    # (loss, grad norm) of the steps since the last log, seconds waiting for data and training
+    since, data_s, t0, train_s = [], 0.0, time.time(), 0.0  # (checkpoints, previews apart)
+    with tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True) as bar:
         while step < cfg["max_steps"]:
             # Load this step's micro-batches and count the global batch's (real) frames.
             tic = time.time()
@@ -461,8 +460,7 @@ def train(cfg):
                 opt.step()
             opt.zero_grad(set_to_none=True)
 
-            # Update the EMA (diffusers' EMAModel warm-up, capped at ema_decay).
-            step += 1
+            step += 1  # the EMA: diffusers' EMAModel warm-up, capped at ema_decay
             diffusion.ema_update(ema, net, step, cfg["ema_decay"])
 
             # Log: loss and grad norm averaged over processes and steps, lr, clips per second.

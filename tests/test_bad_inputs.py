@@ -391,7 +391,7 @@ def test_written_files_get_the_umasks_permissions(world, tmp_path):
     old = os.umask(0o022)
     try:
         model.AutoencoderKL(model.VAE_PRESETS["tiny"]).save_pretrained(str(tmp_path / "m"))
-        data.save_tensor(str(tmp_path / "x.pt"), torch.zeros(2))
+        data.save(str(tmp_path / "x.pt"), torch.zeros(2))
         data.write_filelist(str(tmp_path / "FileList.csv"), [])
     finally:
         os.umask(old)
