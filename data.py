@@ -13,7 +13,12 @@ Data layout, the phantom world and the differences from the original: docs/data.
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
+import hashlib
+import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -85,6 +90,9 @@ def read_filelist(root, probe=True):
             raise DataError(f"{where}: Split {row['Split']!r} is not TRAIN, VAL, TEST or a fold")
         if row["EF"] is None or not 0 <= row["EF"] <= 100:
             raise DataError(f"{where}: EF {row['EF']} outside [0, 100]")
+        for column in [c for c in ("FPS", "NumberOfFrames") if row[c] is not None]:
+            if not row[column] > 0:
+                raise DataError(f"{where}: {column} {row[column]} is not positive")
         if probe and any(row[c] is None for c in VIDEO_COLUMNS):
             row.update(probe_video(_video_path(root, row["FileName"])))
         rows.append(row)
@@ -98,11 +106,80 @@ def write_filelist(path, rows):
             return int(value)
         return "" if value is None else value
 
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(list(rows[0]) if rows else FILELIST_COLUMNS)
-        writer.writerows([[cell(k, v) for k, v in row.items()] for row in rows])
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(list(rows[0]) if rows else FILELIST_COLUMNS)
+            writer.writerows([[cell(k, v) for k, v in row.items()] for row in rows])
+    write_whole(path, write)
+
+# --- output folders: files written whole, one run at a time, settings recorded -------------------
+
+def write_whole(path, write):
+    """write(tmp) fills `path` under a temporary name, renamed into place when complete: a killed
+    run never leaves a half file under the real name. A failed write (a full disk, a read-only
+    folder) removes the temporary file and raises DataError naming `path`. Files get the umask's
+    permissions (open() and torch.save do; safetensors' save_file would make them 0600)."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp) if os.path.isdir(tmp) else os.path.lexists(tmp) and os.remove(tmp)
+        raise DataError(f"{(e.strerror or str(e)).lower()} while writing {path}") from None
+
+def save(path, value):
+    """write_whole for a str (as text) or anything torch.save takes (through a file object, so
+    that a full disk is an OSError, not torch's RuntimeError)."""
+    def write(tmp):
+        with open(tmp, "w" if isinstance(value, str) else "wb") as f:
+            f.write(value) if isinstance(value, str) else torch.save(value, f)
+    write_whole(path, write)
+
+def check_ranges(values, ranges, dash="-"):
+    """Numeric flags checked before any work: values[name] in ranges[name] = (low, high or
+    None), NaN and inf refused; the message names the flag --name (with `dash` for _)."""
+    for name, (low, high) in ranges.items():
+        x = values.get(name)
+        if x is not None and not (math.isfinite(x) and low <= x <= (high or math.inf)):
+            raise DataError(f"--{name.replace('_', dash)} {x}: must be a finite number "
+                            + (f"in [{low}, {high}]" if high else f">= {low}"))
+
+def os_error(e):
+    """One line for an OSError that no writer above named: the file and what went wrong."""
+    return f"{e.filename}: {e.strerror}" if e.filename else f"{e.strerror or e}"
+
+@contextlib.contextmanager
+def locked(folder, flag):
+    """Hold <folder>/.lock while the block runs: a second run into the folder is refused, naming
+    the holder. An flock: the kernel drops it when its process dies, so a killed run's is free."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise DataError(f"{flag} {folder}: in use by another run ({f.read() or 'starting'}; "
+                            f"its .lock): wait for it, or use another {flag}") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
+
+def check_settings(path, settings, done, flag):
+    """Refuse to add to results made with other settings: `path` (settings.json) records those
+    of the results already in its folder (`done`: there are some). A folder without results
+    takes any settings: a run that failed before its first result never blocks the fix."""
+    old = None
+    if done and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **old}
+               if old.get(k) != settings.get(k)] if old else []
+    if done and (changed or old is None):
+        raise DataError(f"{os.path.dirname(path)} holds results made with other settings ("
+                        + ("; ".join(changed) or f"not recorded in {os.path.basename(path)}")
+                        + f"): use the same settings to resume, or another {flag}")
 
 # --- video I/O (PyAV) ----------------------------------------------------------------------------
 
@@ -161,32 +238,33 @@ def save_video(path, frames, fps, fmt=None):
         raise ValueError(f"{path}: frames must be uint8 [F, H, W] or [F, H, W, 3], got "
                          f"{frames.dtype} {list(frames.shape)}")
     fmt = fmt or os.path.splitext(path)[1].lstrip(".").lower()
-    tmp = path + ".tmp"
-    if fmt in ("jpg", "png"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(os.path.join(tmp, f"{i:04d}.{fmt}"), quality=100)
-        shutil.rmtree(path, ignore_errors=True)
-    elif fmt == "gif":
-        images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                       duration=round(1000 / fps), loop=0)
-    elif fmt in ("avi", "mp4"):
-        with av.open(tmp, "w", format=fmt) as container:
-            codec = "mjpeg" if fmt == "avi" else "libx264"
-            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.height, stream.width = frames.shape[1:3]
-            stream.pix_fmt = "yuvj420p" if fmt == "avi" else "yuv420p"
-            if fmt == "avi":
-                stream.options = {"qmin": "1", "qmax": "1"}
-            pixel_format = "gray" if frames.ndim == 3 else "rgb24"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, pixel_format)))
-            container.mux(stream.encode())
-    else:
+    if fmt not in ("avi", "mp4", "gif", "jpg", "png"):
         raise ValueError(f"{path}: unknown video format {fmt!r} (avi, mp4, gif, jpg, png)")
-    os.replace(tmp, path)
+
+    def write(tmp):
+        if fmt in ("jpg", "png"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for i, frame in enumerate(frames):
+                Image.fromarray(frame).save(os.path.join(tmp, f"{i:04d}.{fmt}"), quality=100)
+            shutil.rmtree(path, ignore_errors=True)
+        elif fmt == "gif":
+            images = [Image.fromarray(frame) for frame in frames]
+            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                           duration=round(1000 / fps), loop=0)
+        else:
+            with av.open(tmp, "w", format=fmt) as container:
+                codec = "mjpeg" if fmt == "avi" else "libx264"
+                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+                stream.height, stream.width = frames.shape[1:3]
+                stream.pix_fmt = "yuvj420p" if fmt == "avi" else "yuv420p"
+                if fmt == "avi":
+                    stream.options = {"qmin": "1", "qmax": "1"}
+                pixel_format = "gray" if frames.ndim == 3 else "rgb24"
+                for frame in frames:
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, pixel_format)))
+                container.mux(stream.encode())
+    write_whole(path, write)
 
 # --- pixels, latents and per-item generators (train.py and sample.py use these too) -------------
 
@@ -247,20 +325,20 @@ class LatentVideoDataset(torch.utils.data.Dataset):
                 raise DataError(f"{root}: no Latents/ folder (python data.py encode --root {root})")
             rows = [r for r in read_filelist(root, probe=False) if r["Split"] in splits]
             paths = [os.path.join(root, "Latents", r["FileName"] + ".pt") for r in rows]
-            for row, path in zip(rows, paths):
-                if not os.path.isfile(path):
-                    continue
+            found = [(row, path) for row, path in zip(rows, paths) if os.path.isfile(path)]
+            for row, path in found:
                 if row["FPS"] is None or row["NumberOfFrames"] is None:
                     raise DataError(f"{root}/FileList.csv: no FPS/NumberOfFrames for {path}")
                 if row["NumberOfFrames"] / row["FPS"] > frames / fps:
                     self.items.append((path, row["FPS"], row["EF"] / 100, row["FileName"]))
-            missing = sum(not os.path.isfile(p) for p in paths)
-            if missing:
+            if missing := len(paths) - len(found):
                 warnings.warn(f"{root}: {missing} {split} videos have no latent and are left out",
                               stacklevel=2)
         if not self.items:
             raise DataError(f"no {split} video longer than {frames / fps:g} s with a latent in "
                             + ", ".join(map(str, roots)))
+        for path, *_ in self.items:      # every latent's header now, not hours into a run
+            self.read(path)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -268,20 +346,25 @@ class LatentVideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
-        path, fps, ef, name = self.items[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def read(self, path):
+        """A latent video [T, C, h, w], memory-mapped (only the frames indexed are read)."""
         try:
-            video = model.torch_load(path, mmap=True)          # reads only the frames indexed
+            video = model.torch_load(path, mmap=True)
         except model.ModelLoadError as e:
             raise DataError(str(e).replace("unreadable", "unreadable latent", 1)) from None
         shape = tuple(getattr(video, "shape", ()))
         if not isinstance(video, torch.Tensor) or shape[1:] != self.latent_shape or not shape[0]:
             raise DataError(f"{path}: latent of shape {list(shape)}, expected [T, "
                             + ", ".join(map(str, self.latent_shape)) + "]")
+        return video
+
+    def __getitem__(self, index):
+        path, fps, ef, name = self.items[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        video = self.read(path)
+        T = video.shape[0]
         # Draws in the original's order: phase in [0, idx[1]), window start in [0, len - frames),
         # conditioning frame in [0, T).
-        T = shape[0]
         idx = resample_indices(T, fps, self.fps)
         if len(idx) > 1 and idx[1] > 1:
             idx = idx + rng.integers(0, idx[1])
@@ -555,51 +638,69 @@ def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
               f"fewer than the target {num_videos}")
     return written
 
+def fingerprint(module):
+    """A model's identity wherever its folder lies: sha256 of its config and weights (16 hex)."""
+    h = hashlib.sha256(json.dumps(model.config_to_dict(module), sort_keys=True).encode())
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode() + value.detach().contiguous().reshape(-1).view(torch.uint8)
+                 .numpy().tobytes())
+    return h.hexdigest()[:16]
+
 def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="cpu", seed=0,
                   mean=False):
     """Encode `<root>/Videos` to `<out>/Latents/<FileName>.pt` [T, 4, h, w] (scaled latents) and
     write the normalised FileList to `<out>`, as the original's `encode_video_dataset.py`.
-    Existing latents are skipped; unreadable videos are skipped and returned as messages."""
-    out = out or root
+    Existing latents are skipped; unreadable videos are skipped and returned as messages.
+    `Latents/settings.json` records the flags that determine the latents (the VAE by its
+    fingerprint): more latents are added only with the same ones."""
+    out, flag = out or root, "--out" if out else "--root"
     rows = read_filelist(root, probe=False)
     try:
-        vae = model.load_model(vae_path).to(device).eval()
+        vae = model.load_model(vae_path, expect="AutoencoderKL")
     except model.ModelLoadError as e:
-        raise DataError(str(e)) from None
-    os.makedirs(os.path.join(out, "Latents"), exist_ok=True)
-    failed = []
-    for i, row in enumerate(tqdm(rows, desc="encode")):
-        src = _video_path(root, row["FileName"])
-        dst = os.path.join(out, "Latents", row["FileName"] + ".pt")
-        try:
-            if os.path.exists(dst):                            # finished by an earlier run
-                if any(row[c] is None for c in VIDEO_COLUMNS):
-                    row.update(probe_video(src))
+        raise DataError(f"--vae {vae_path}: {e}") from None
+    folder = os.path.join(out, "Latents")
+    settings = {"--vae": f"sha256:{fingerprint(vae)}", "--gray-scale": gray, "--seed": seed,
+                "--mean": mean}
+    vae = vae.to(device)
+    failed, recorded = [], False
+    with locked(folder, flag):
+        check_settings(os.path.join(folder, "settings.json"), settings,
+                       any(n.endswith(".pt") for n in os.listdir(folder)), flag)
+        for i, row in enumerate(tqdm(rows, desc="encode")):
+            src = _video_path(root, row["FileName"])
+            dst = os.path.join(folder, row["FileName"] + ".pt")
+            try:
+                if os.path.exists(dst):                        # finished by an earlier run
+                    if any(row[c] is None for c in VIDEO_COLUMNS):
+                        row.update(probe_video(src))
+                    continue
+                video, fps = read_video(src)                   # [T, H, W, 3]
+            except DataError as e:
+                failed.append(str(e))
                 continue
-            video, fps = read_video(src)                       # [T, H, W, 3]
-        except DataError as e:
-            failed.append(str(e))
-            continue
-        found = {"FrameHeight": video.shape[1], "FrameWidth": video.shape[2], "FPS": fps,
-                 "NumberOfFrames": len(video)}
-        row.update({c: found[c] for c in VIDEO_COLUMNS if row[c] is None})
-        # Frames x / 128 - 1 (gray: the RGB mean repeated), posterior *samples* (from the video's
-        # own generator, seeded (seed, index)) times the scaling factor, batch_size frames a call.
-        # mean: the posterior means instead (the demo: its small VAE's posterior noise is about
-        # as large, in the latents, as a heartbeat's motion).
-        x = from_pixels(torch.from_numpy(video).to(device), gray)  # [T, 3, H, W]
-        generator = item_generator(seed, i)
-        with torch.no_grad():
-            posteriors = [vae.encode(part) for part in x.split(batch_size)]
-            latents = [(p.mode() if mean else p.sample(generator=generator)).cpu()
-                       for p in posteriors]
-        torch.save(torch.cat(latents) * vae.config.scaling_factor, dst + ".tmp")
-        os.replace(dst + ".tmp", dst)
-    filelist = os.path.join(out, "FileList.csv")
-    backup = os.path.join(root, "FileList_ORIGINAL.csv")
-    if os.path.samefile(root, out) and not os.path.exists(backup):
-        shutil.copyfile(filelist, backup)                      # as complete_pediatrics_filelist
-    write_filelist(filelist, rows)
+            found = {"FrameHeight": video.shape[1], "FrameWidth": video.shape[2], "FPS": fps,
+                     "NumberOfFrames": len(video)}
+            row.update({c: found[c] for c in VIDEO_COLUMNS if row[c] is None})
+            # Frames x / 128 - 1 (gray: the RGB mean repeated), posterior *samples* (from the
+            # video's own generator, seeded (seed, index)) times the scaling factor, batch_size
+            # frames a call. mean: the posterior means instead (the demo: its small VAE's
+            # posterior noise is about as large, in the latents, as a heartbeat's motion).
+            x = from_pixels(torch.from_numpy(video).to(device), gray)  # [T, 3, H, W]
+            generator = item_generator(seed, i)
+            with torch.no_grad():
+                posteriors = [vae.encode(part) for part in x.split(batch_size)]
+                latents = [(p.mode() if mean else p.sample(generator=generator)).cpu()
+                           for p in posteriors]
+            if not recorded:                                   # with the first latent, not before
+                save(os.path.join(folder, "settings.json"), json.dumps(settings, indent=2))
+                recorded = True
+            save(dst, torch.cat(latents) * vae.config.scaling_factor)
+        filelist = os.path.join(out, "FileList.csv")
+        backup = os.path.join(root, "FileList_ORIGINAL.csv")
+        if os.path.samefile(root, out) and not os.path.exists(backup):
+            shutil.copyfile(filelist, backup)                  # as complete_pediatrics_filelist
+        write_filelist(filelist, rows)
     return failed
 
 def main(argv=None):
@@ -633,6 +734,8 @@ def main(argv=None):
                    help="videos to write (default: 2048 for 128 frames, 3125 for 16)")
     args = parser.parse_args(argv)
     try:
+        check_ranges(vars(args), {"num_videos": (1, None), "seed": (0, None), "workers": (1, None),
+                                  "batch_size": (1, None), "frames": (1, None), "fps": (1, None)})
         if args.command == "phantom":
             rows = make_phantom(args.out, args.num_videos, args.seed, args.workers)
             print(f"wrote {len(rows)} phantom videos and FileList.csv to {args.out}")
@@ -645,8 +748,8 @@ def main(argv=None):
         else:
             written = make_reference(args.root, args.out, args.frames, args.fps, args.num_videos)
             print(f"{written} reference videos in {args.out}")
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    except (DataError, OSError) as e:
+        sys.exit(f"error: {os_error(e) if isinstance(e, OSError) else e}")
 
 if __name__ == "__main__":
     main()

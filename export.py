@@ -48,8 +48,6 @@ def export(checkpoint, out=None, weights="ema", force=False):
     if os.path.exists(out) and not force:
         raise model.ModelLoadError(f"{out} exists (published or earlier weights?): --force "
                                    "replaces it")
-    shutil.rmtree(out + ".tmp", ignore_errors=True)
-    module.save_pretrained(out + ".tmp")
     # Where the weights came from, as the original copied its config.yaml alongside.
     try:
         with open(os.path.join(checkpoint, "training_config.json")) as f:
@@ -58,6 +56,8 @@ def export(checkpoint, out=None, weights="ema", force=False):
         raise model.ModelLoadError(f"{checkpoint}/training_config.json: unreadable ({e})") from None
     info = {"checkpoint": os.path.basename(checkpoint), "weights": weights, "config": config,
             "step": model.torch_load(os.path.join(checkpoint, "trainer.pt")).get("step")}
+    shutil.rmtree(out + ".tmp", ignore_errors=True)
+    module.save_pretrained(out + ".tmp")
     with open(os.path.join(out + ".tmp", "training_config.json"), "w") as f:
         json.dump(info, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
@@ -78,7 +78,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         out, checkpoint = export(args.checkpoint, args.out, args.weights, args.force)
-    except model.ModelLoadError as e:
+    except (model.ModelLoadError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"exported the {args.weights} weights of {checkpoint} to {out}")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.utils.checkpoint import checkpoint
 
 # --- config ------------------------------------------------------------------------------------
@@ -659,7 +659,8 @@ def save_pretrained(model: nn.Module, path: str):
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, ".tmp")  # each file is written whole, then renamed into place
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    with open(tmp, "wb") as f:  # open() gives the umask's permissions (save_file's are 0600)
+        f.write(save(tensors, metadata={"format": "pt"}))
     os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
     with open(tmp, "w") as f:
         f.write(json.dumps(config_to_dict(model), indent=2, sort_keys=True) + "\n")
@@ -674,7 +675,10 @@ def read_weights(path: str) -> tuple[dict, str]:
     single = os.path.join(path, WEIGHTS_NAME)
     index, binary = single + ".index.json", os.path.join(path, WEIGHTS_NAME_BIN)
     if os.path.isfile(single):
-        return load_file(single), single
+        try:
+            return load_file(single), single
+        except Exception as e:  # SafetensorError: random bytes, a truncated file
+            raise ModelLoadError(f"{single}: unreadable ({e})") from None
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -758,7 +762,8 @@ def torch_load(path: str, **kw):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
-        raise ModelLoadError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+        why = str(e).splitlines()[0] if "Weights only" not in str(e) else "not plain tensors"
+        raise ModelLoadError(f"{path}: unreadable ({why})") from None
 
 
 def remove_folder(path: str):

@@ -16,9 +16,7 @@ Differences from the original and its bugs: docs/sample.md; several GPUs and nod
 
 import argparse
 import contextlib
-import fcntl
 import json
-import math
 import os
 import re
 import shutil
@@ -79,18 +77,13 @@ HINTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ ->
          "export.py)", "give --conditioning a folder of [4, 14, 14] .pt latents or of 112x112 "
          ".jpg/.png frames (e.g. frames of real echos)")
 
-class SampleError(Exception):
-    """Bad input; the message names the flag or file and what is wrong (main exits cleanly)."""
+SampleError = data.DataError  # bad input: the message names the flag or file and what is wrong
 
 # --- inputs ------------------------------------------------------------------------------------
 
 def check_flags(args):
     """Numbers out of range, and everything a fresh checkout lacks (in one message)."""
-    for flag, (low, high) in RANGES.items():
-        x = getattr(args, flag)
-        if not (math.isfinite(x) and low <= x <= (high or math.inf)):
-            raise SampleError(f"--{flag} {x}: must be a finite number "
-                              + (f"in [{low}, {high}]" if high else f">= {low}"))
+    data.check_ranges(vars(args), RANGES, dash="_")
     if not 0 <= args.min_lvef <= args.max_lvef <= 100:
         raise SampleError(f"--min_lvef {args.min_lvef} --max_lvef {args.max_lvef}: need "
                           "0 <= min_lvef <= max_lvef <= 100 (EF in %)")
@@ -162,7 +155,9 @@ def read_conditioning(path, shape):
             with Image.open(path) as im:
                 x = torch.from_numpy(np.array(im.convert("RGB")))
             shape = (shape[1] * 8, shape[2] * 8, 3)
-    except (OSError, model.ModelLoadError) as e:  # unpickling, truncated or non-image files
+    except model.ModelLoadError as e:  # random bytes, a pickle of more than tensors
+        raise SampleError(str(e)) from None
+    except OSError as e:  # truncated or non-image files
         raise SampleError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
     got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
     if got != tuple(shape):
@@ -241,23 +236,6 @@ def finished(out, formats):
     return {int(m[1]) for m in found
             if m and all(os.path.exists(output_path(out, f, int(m[1]))) for f in formats)}
 
-@contextlib.contextmanager
-def locked(out):
-    """Hold <out>/.lock while the block runs: a second run into the folder is refused, naming
-    the holder. An flock: the kernel drops it when its process dies, so a killed run's is free."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".lock"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise SampleError(f"--output {out}: in use by another run ({f.read() or 'starting'}; "
-                              "its .lock): wait for it, or use another --output") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
-        yield
-
 def prepare_output(args, formats, job):
     """Rank 0, holding the lock: drop a killed run's temporary files; refuse a folder holding
     videos made with other settings (one without videos takes the new ones: a run that failed
@@ -268,19 +246,11 @@ def prepare_output(args, formats, job):
              for n in os.listdir(f"{out}/{f}") if n.startswith("sample_")]
     for tmp in [os.path.join(out, f, n) for f, n in names if n.endswith(".tmp")]:
         shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
-    if os.path.isfile(path) and any(not n.endswith(".tmp") for _, n in names):
-        with open(path) as f:
-            old, new = json.load(f), job.settings
-        changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in {**new, **old}
-                   if old.get(k) != new.get(k)]
-        if changed:
-            raise SampleError(f"{out} holds videos made with other settings ({'; '.join(changed)})"
-                              ": use another --output, or the same settings to resume")
+    data.check_settings(path, job.settings, any(not n.endswith(".tmp") for _, n in names),
+                        "--output")
     for fmt in formats:
         os.makedirs(os.path.join(out, fmt), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(job.settings, f, indent=2)
-    os.replace(path + ".tmp", path)
+    data.save(path, json.dumps(job.settings, indent=2))
     todo = [i for i in range(args.num_samples) if i not in finished(out, formats)]
     for i in sorted({i % len(job.paths) for i in todo}):
         read_conditioning(job.paths[i], job.shape)
@@ -302,8 +272,7 @@ def sample_batch(args, job, index, formats):
     for i, video, z in zip(index, videos, latents):
         for fmt, path in [(fmt, output_path(args.output, fmt, i)) for fmt in formats]:
             if fmt == "pt":
-                torch.save(z.cpu().clone(), path + ".tmp")
-                os.replace(path + ".tmp", path)
+                data.save(path, z.cpu().clone())
             else:
                 data.save_video(path, video, args.fps, fmt)
 
@@ -340,7 +309,7 @@ def run(args, formats):
     if args.dry_run:
         print(json.dumps({**job.settings, "save_as": formats, "output": args.output}, indent=2))
         return
-    with locked(args.output) if rank == 0 else contextlib.nullcontext():
+    with data.locked(args.output, "--output") if rank == 0 else contextlib.nullcontext():
         # Rank 0 prepares the folder and lists the videos to do; every process gets the list.
         todo = [prepare_output(args, formats, job) if rank == 0 else None]
         if world > 1:
@@ -369,8 +338,9 @@ def main(argv=None):
         parser.error(f"--save_as {args.save_as}: choose from {','.join(FORMATS)}")
     try:
         run(args, formats)
-    except (SampleError, model.ModelLoadError, data.DataError) as e:
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # one line, once
+    except (model.ModelLoadError, data.DataError, OSError) as e:  # one line, once
+        message = data.os_error(e) if isinstance(e, OSError) else e
+        sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command again to finish (finished videos are kept)")
     finally:

@@ -88,8 +88,14 @@ CONFIG = dict(  # key=(default, what it is)
 )
 CHOICES = dict(model=["unet", "vae"], precision=["fp32", "bf16", "fp16"],
                preview_sampler=["ddpm", "ddim"], recon_loss=["l1", "mse"])
-AT_LEAST = dict(batch_size=1, batch_per_gpu=1, frames=1, keep=1, checkpoint_every=1, log_every=1,
-                preview_steps=1, max_steps=0, warmup=0, workers=0, preview_every=0)
+# Every number's range (low, high or None), checked before any work; NaN and inf fail too.
+RANGES = dict(batch_size=(1, None), batch_per_gpu=(1, None), frames=(1, None), fps=(1, None),
+              max_steps=(0, None), lr=(0, None), warmup=(0, None), weight_decay=(0, None),
+              adam_eps=(0, None), grad_clip=(0, None), ema_decay=(0, 1), noise_offset=(0, None),
+              ef_dropout=(0, 1), residual=(0, None), t_shift=(0, None), kl_weight=(0, None),
+              seed=(0, None), workers=(0, None), checkpoint_every=(1, None), keep=(1, None),
+              preview_every=(0, None), preview_steps=(1, 1000), preview_guidance=(0, None),
+              log_every=(1, None))
 
 class ConfigError(Exception):
     """A bad config file, key or value; the message names it."""
@@ -142,13 +148,7 @@ def resolve_config(argv=None):
         args = parser.parse_args(file_flags(args.config) + argv)
     cfg = {k: getattr(args, k) for k in CONFIG}
     cfg["vae"] = None if str(cfg["vae"]).lower() in ("", "none", "null") else cfg["vae"]
-    for key in [k for k, least in AT_LEAST.items() if cfg[k] < least]:
-        raise ConfigError(f"{key} must be >= {AT_LEAST[key]}, got {cfg[key]}")
-    if not 0 <= cfg["ef_dropout"] <= 1:
-        raise ConfigError(f"ef_dropout must be in [0, 1], got {cfg['ef_dropout']}")
-    for key in ("residual", "t_shift"):
-        if not 0 <= cfg[key] < float("inf"):
-            raise ConfigError(f"{key} must be a finite number >= 0, got {cfg[key]}")
+    data.check_ranges(cfg, RANGES)
     return cfg, args.dry_run
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
@@ -295,13 +295,10 @@ def prepare_run_folder(cfg, step):
     if os.path.isfile(log):
         with open(log) as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-        with open(log + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log + ".tmp", log)
+        data.save(log, "".join(kept))
     for name in [n for n in os.listdir(out) if n.startswith(".tmp-")]:
         shutil.rmtree(os.path.join(out, name))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    data.save(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
 
 @torch.no_grad()
 def unit_scale(cfg, vae, device):
@@ -319,11 +316,15 @@ def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
     if cfg["model"] == "vae" and cfg["unit_latents"]:
         device = next(ema.parameters()).device
         ema.config.scaling_factor = net.config.scaling_factor = unit_scale(cfg, ema, device).item()
-    model.save_checkpoint(cfg["out"], step, {
-        "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
-        "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
-        "scaler": scaler.state_dict() if scaler else {}, "training_config": cfg,
-        "model_config": model.config_to_dict(net)}, cfg["keep"])
+    try:
+        model.save_checkpoint(cfg["out"], step, {
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
+            "ema": {"step": step, "max_decay": cfg["ema_decay"], "model": ema.state_dict()},
+            "scaler": scaler.state_dict() if scaler else {}, "training_config": cfg,
+            "model_config": model.config_to_dict(net)}, cfg["keep"])
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
+        raise TrainingError(f"{cfg['out']}/checkpoint-{step} not written ({e}): the earlier "
+                            "checkpoints are intact") from None
 
 # --- previews ------------------------------------------------------------------------------------
 
@@ -390,10 +391,10 @@ def train(cfg):
     # Setup: processes, batch arithmetic, precision, data, model, resume, run folder, previews.
     device, rank, world = setup_processes(cfg)
     ddp, master, out, G = dist.is_initialized(), rank == 0, cfg["out"], cfg["batch_size"]
-    log = print if master else (lambda *a, **k: None)
+    log = print if master else (lambda *a, **k: None)  # rank 0 speaks for all
     micro, accum = split_batch(G, cfg["batch_per_gpu"], world)
     amp, scaler, precision = mixed_precision(cfg, device)
-    train_set = make_dataset(cfg, "TRAIN")
+    train_set = make_dataset(cfg, "TRAIN")  # every latent's shape is read here, before step 1
     if len(train_set) < G:
         raise data.DataError(f"{len(train_set)} training items in {', '.join(cfg['data'])}: "
                              f"fewer than one global batch ({G})")
@@ -410,13 +411,12 @@ def train(cfg):
     batches = global_batches(train_set, cfg, rank, world, micro, step, device.type == "cuda")
     epoch_steps = len(train_set) // G
     log(f"{cfg['model']} '{cfg['preset']}': {model.count_parameters(net):,} parameters, "
-        f"{sum(p.numel() for p in params):,} trained; {len(train_set)} items, {epoch_steps} "
-        f"steps per epoch; batch {G} = {world} processes x {accum} accumulation x {micro}; "
-        f"{device}, {precision}")
-    since, data_s, t0 = [], 0.0, time.time()  # (loss, grad norm) of the steps since the last log
-    train_s = 0.0  # seconds of training steps in this process (checkpoints and previews apart)
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True)
-    with bar:  # closed on errors too, before main() prints the error
+        f"{sum(p.numel() for p in params):,} trained; {len(train_set)} items, {epoch_steps} steps"
+        f" per epoch; batch {G} = {world} processes x {accum} accumulation x {micro}; {device}, "
+        f"{precision}")
+    # (loss, grad norm) of the steps since the last log, seconds waiting for data and training
+    since, data_s, t0, train_s = [], 0.0, time.time(), 0.0  # (checkpoints, previews apart)
+    with tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True) as bar:
         while step < cfg["max_steps"]:
             # Load this step's micro-batches and count the global batch's (real) frames.
             tic = time.time()
@@ -473,8 +473,7 @@ def train(cfg):
                 opt.step()
             opt.zero_grad(set_to_none=True)
 
-            # Update the EMA (diffusers' EMAModel warm-up, capped at ema_decay).
-            step += 1
+            step += 1  # the EMA: diffusers' EMAModel warm-up, capped at ema_decay
             diffusion.ema_update(ema, net, step, cfg["ema_decay"])
 
             # Log: loss and grad norm averaged over processes and steps, lr, clips per second.
@@ -515,11 +514,13 @@ def main(argv=None):
         if dry_run and rank == 0:
             print(json.dumps(cfg, indent=2))
         if not dry_run:
-            train(cfg)
-    except (ConfigError, TrainingError, data.DataError, model.ModelLoadError) as e:
+            with data.locked(cfg["out"], "--out") if rank == 0 else nullcontext():
+                train(cfg)
+    except (ConfigError, TrainingError, data.DataError, model.ModelLoadError, OSError) as e:
         # One line, no traceback. A DataLoader worker's error arrives with the worker's traceback
         # in its message: keep its last line, and print it from whichever process met it.
-        message, from_worker = str(e).strip(), "Original Traceback" in str(e)
+        message = data.os_error(e) if isinstance(e, OSError) else str(e).strip()
+        from_worker = "Original Traceback" in message
         if from_worker:
             message = message.splitlines()[-1].split(": ", 1)[-1]
         if rank == 0 or from_worker:

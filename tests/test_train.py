@@ -292,8 +292,9 @@ def test_resume_matches_straight_run(tmp_path):
     with open(b / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")  # logged after the checkpoint
     assert run(*common, "--out", b, "--max-steps", 4) == 0
-    assert sorted(os.listdir(a)) == ["checkpoint-4", "config.json", "log.jsonl"]
-    assert sorted(os.listdir(b)) == ["checkpoint-2", "checkpoint-4", "config.json", "log.jsonl"]
+    listed = [sorted(n for n in os.listdir(d) if n != ".lock") for d in (a, b)]  # .lock: pid
+    assert listed[0] == ["checkpoint-4", "config.json", "log.jsonl"]
+    assert listed[1] == ["checkpoint-2", "checkpoint-4", "config.json", "log.jsonl"]
     assert_same(weights(a, 4), weights(b, 4))
     assert_same(weights(a, 4, "ema.pt")["model"], weights(b, 4, "ema.pt")["model"])
     opt_a, opt_b = weights(a, 4, "optimizer.pt"), weights(b, 4, "optimizer.pt")
