@@ -43,7 +43,6 @@ from torch.utils.checkpoint import checkpoint
 XDOWN, DOWN = "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"
 XUP, UP = "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"
 
-
 @dataclass
 class UNetConfig:
     sample_size: int | None = None        # latent size at training (forward does not read it)
@@ -59,7 +58,6 @@ class UNetConfig:
     transformer_layers_per_block: int | tuple = 1  # transformer layers in each attention module
     num_attention_heads: int | tuple = (5, 10, 20, 20)  # heads per resolution
     num_frames: int = 25                  # frames the model was trained on (not used by forward)
-
 
 @dataclass
 class VAEConfig:
@@ -81,7 +79,6 @@ class VAEConfig:
     use_quant_conv: bool = True           # 1x1 conv on the encoder's moments
     use_post_quant_conv: bool = True      # 1x1 conv on the latent before decoding
     mid_block_add_attention: bool = True  # one self-attention in each mid block
-
 
 # "lvdm": EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml (143,830,186 parameters).
 # "echonet": the published VAE (62,412,007 parameters, 112x112 -> 4x14x14).
@@ -112,14 +109,12 @@ VAE_PRESETS = {
     "tiny": VAEConfig(block_out_channels=(32, 32, 32, 32), **VAE4),
 }
 
-
 def per_block(value, n: int) -> list:
     """An int (or other scalar) repeated n times, or a per-block list checked to have n entries."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise ValueError(f"expected {n} per-block values, got {values}")
     return values
-
 
 # --- building blocks, smallest first -----------------------------------------------------------
 
@@ -134,7 +129,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     # An odd dim gets a zero column: with dim = 1 (EchoNet's added time ids) all is zero.
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
-
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear: the MLP applied to a sinusoidal embedding."""
     def __init__(self, in_dim: int, dim: int, out_dim: int | None = None):
@@ -144,7 +138,6 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
-
 
 class AlphaBlender(nn.Module):
     """a * x_spatial + (1 - a) * x_temporal with a = sigmoid(mix_factor), learned (init 0.5)."""
@@ -157,7 +150,6 @@ class AlphaBlender(nn.Module):
         # images; the UNet never flags any.
         a = torch.sigmoid(self.mix_factor).to(x_spatial.dtype)
         return a * x_spatial + (1.0 - a) * x_temporal
-
 
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) of L tokens to themselves or to S others."""
@@ -187,7 +179,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1).to(q.dtype))  # (B, L, C)
 
-
 class FeedForward(nn.Module):
     """GEGLU feed-forward (Shazeer 2020): Linear to 2 x 4C, value * GELU(gate), Linear back to C."""
     def __init__(self, dim: int):
@@ -199,7 +190,6 @@ class FeedForward(nn.Module):
     def forward(self, x):  # x: (..., C)
         value, gate = self.net[0]["proj"](x).chunk(2, dim=-1)  # (..., 4C) each
         return self.net[2](value * F.gelu(gate))
-
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer layer: self-attention, cross-attention to the context, GEGLU MLP."""
@@ -222,7 +212,6 @@ class TransformerBlock(nn.Module):
         h = h + self.attn1(self.norm1(h))  # no mask: every token (pixel or frame) sees all
         h = h + self.attn2(self.norm2(h), context)
         return h + self.ff(self.norm3(h))
-
 
 class TransformerSpatioTemporal(nn.Module):
     """Attention module: a spatial transformer per frame, a temporal one per pixel, blended."""
@@ -258,7 +247,6 @@ class TransformerSpatioTemporal(nn.Module):
         h = self.proj_out(h).view(N, H, W, C).permute(0, 3, 1, 2)          # (N, C, H, W)
         return h.contiguous() + x
 
-
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, plus a skip: 3x3 convs per frame, or (3, 1, 1) in time."""
     def __init__(self, cin, cout, temb_dim: int | None, eps: float, groups=32, temporal=False):
@@ -282,7 +270,6 @@ class ResnetBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
-
 class SpatioTemporalResBlock(nn.Module):
     """A 2D ResNet block per frame, then a temporal ResNet block, blended by a learned alpha."""
     def __init__(self, cin: int, cout: int, temb_dim: int, eps: float):
@@ -298,7 +285,6 @@ class SpatioTemporalResBlock(nn.Module):
         t = self.temporal_res_block(s, emb.view(B, num_frames, -1))      # (B, C, F, H, W)
         return self.time_mixer(s, t).transpose(1, 2).reshape(xs.shape)   # (N, C, H, W)
 
-
 class Downsample2D(nn.Module):
     """3x3 conv with stride 2. padding=0 (the VAE) pads right and bottom by one pixel first."""
     def __init__(self, channels: int, padding: int = 1):
@@ -308,7 +294,6 @@ class Downsample2D(nn.Module):
 
     def forward(self, x):  # the VAE's padding is asymmetric, as in the original LDM autoencoder
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
-
 
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling (2x, or to an explicit size) followed by a 3x3 conv."""
@@ -320,12 +305,10 @@ class Upsample2D(nn.Module):
         scale = 2.0 if size is None else None
         return self.conv(F.interpolate(x, size=size, scale_factor=scale, mode="nearest"))
 
-
 def run(module, checkpointed: bool, *args):
     """module(*args), with activation checkpointing when asked for and gradients are on."""
     checkpointed = checkpointed and torch.is_grad_enabled()  # recompute it in the backward pass
     return checkpoint(module, *args, use_reentrant=False) if checkpointed else module(*args)
-
 
 class DownBlockSpatioTemporal(nn.Module):
     """(ResNet [+ attention]) x n, then an optional stride-2 conv; each output is a skip."""
@@ -352,7 +335,6 @@ class DownBlockSpatioTemporal(nn.Module):
             skips.append(x)
         return x
 
-
 class UpBlockSpatioTemporal(nn.Module):
     """(concat a skip -> ResNet [+ attention]) x n, then an optional 2x upsampling; eps 1e-6."""
     def __init__(self, cin, cprev, cout, temb_dim, num_layers, add_upsample, attentions=None):
@@ -378,7 +360,6 @@ class UpBlockSpatioTemporal(nn.Module):
             x = self.upsamplers[0](x, skips[-1].shape[2:])
         return x
 
-
 class UNetMidBlockSpatioTemporal(nn.Module):
     """Middle of the UNet: ResNet, attention, ResNet at the lowest resolution (eps 1e-5)."""
     def __init__(self, channels, temb_dim, attentions):
@@ -392,7 +373,6 @@ class UNetMidBlockSpatioTemporal(nn.Module):
         x = run(self.resnets[0], self.gradient_checkpointing, x, emb, num_frames)
         x = run(self.attentions[0], self.gradient_checkpointing, x, context, num_frames)
         return run(self.resnets[1], self.gradient_checkpointing, x, emb, num_frames)
-
 
 # --- the UNet ----------------------------------------------------------------------------------
 
@@ -480,7 +460,6 @@ class UNetSpatioTemporal(nn.Module):
         x = self.conv_out(F.silu(self.conv_norm_out(x)))                   # (N, Cout, H, W)
         return x.reshape(B, Fr, *x.shape[1:])                              # (B, F, Cout, H, W)
 
-
 # --- the autoencoder ---------------------------------------------------------------------------
 
 class DiagonalGaussian:
@@ -509,7 +488,6 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per item, summed over latent elements: [B]."""
         return 0.5 * torch.sum(self.mean**2 + self.logvar.exp() - 1.0 - self.logvar, dim=[1, 2, 3])
 
-
 class VAEAttention(Attention):
     """Single-head self-attention over the h*w positions of a feature map, plus a residual."""
     def forward(self, x):  # x: (B, C, h, w)
@@ -518,7 +496,6 @@ class VAEAttention(Attention):
         # encoder's output is one) the 4D GroupNorm kernel would round differently.
         t = self.group_norm(x.view(B, C, h * w)).transpose(1, 2)        # (B, h*w, C)
         return super().forward(t).transpose(1, 2).reshape(B, C, h, w) + x
-
 
 class VAEMidBlock(nn.Module):
     """ResNet, optional self-attention, ResNet at the VAE's lowest resolution."""
@@ -535,7 +512,6 @@ class VAEMidBlock(nn.Module):
             x = self.attentions[0](x)
         return self.resnets[1](x)
 
-
 class VAEBlock(nn.Module):
     """Encoder (DownEncoderBlock2D) or decoder (UpDecoderBlock2D) block: ResNets + resampling."""
     def __init__(self, cin, cout, num_layers, groups, down=False, up=False):
@@ -549,7 +525,6 @@ class VAEBlock(nn.Module):
     def forward(self, x):  # x: (B, Cin, H, W) -> (B, C, H, W), or at half or twice the size
         resample = self.downsamplers or self.upsamplers  # one, the other or neither
         return self.resnets(x) if resample is None else resample(self.resnets(x))
-
 
 class Encoder(nn.Module):
     """Image [B, 3, H, W] -> moments [B, 2 * latent, H / 2^k, W / 2^k] (mean and log-variance)."""
@@ -568,7 +543,6 @@ class Encoder(nn.Module):
         x = self.mid_block(self.down_blocks(self.conv_in(x)))           # (B, C, h, w)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
-
 class Decoder(nn.Module):
     """Latent [B, latent, h, w] -> image [B, 3, h * 2^k, w * 2^k]."""
     def __init__(self, c: VAEConfig):
@@ -585,7 +559,6 @@ class Decoder(nn.Module):
     def forward(self, z):
         x = self.up_blocks(self.mid_block(self.conv_in(z)))            # (B, C, H, W)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-
 
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL: encode(x) -> DiagonalGaussian posterior, decode(z) -> image."""
@@ -624,35 +597,39 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-
-# --- model folders (diffusers format) ----------------------------------------------------------
+# --- model folders and training checkpoints ---------------------------------------------------
+# A model folder (published by the authors, written by export.py): config.json with diffusers'
+# fields and its _class_name, plus diffusion_pytorch_model.safetensors (or a .bin).
+# A training checkpoint, train.py's <run>/checkpoint-<step>/: plain state dicts (model.pt; ema.pt,
+# {"step", "max_decay", "model": the EMA's weights}; optimizer.pt, scaler.pt, trainer.pt) and
+# model_config.json (as config_to_dict writes it) and training_config.json. Both are written under
+# a temporary name and renamed, so a file or folder under its final name is complete.
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose maths and key names we match
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 CLASSES = {cls.class_name: (cls, cfg) for cls, cfg in
            [(UNetSpatioTemporal, UNetConfig), (AutoencoderKL, VAEConfig)]}
-# Old diffusers names of the VAE mid-block attention, renamed on load as diffusers does.
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
+CHECKPOINT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt", "trainer.pt",
+                    "model_config.json", "training_config.json")
 
 class ModelLoadError(Exception):
-    """A model folder that cannot be loaded: the message names the file and what is wrong."""
+    """A model folder or checkpoint that cannot be loaded: the message names the file and why."""
 
-
-def config_from_dict(config_cls, d: dict):
-    """A config dataclass from a config.json dict: unknown keys ignored, missing ones default."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-    return config_cls(**kw)
-
+def torch_load(path: str, **kw):
+    """torch.load(path, weights_only=True) on the CPU: tensors, numbers, strings and containers
+    of them, never arbitrary objects (pickles run code). ModelLoadError names a bad file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
+        raise ModelLoadError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
 
 def config_to_dict(model: nn.Module) -> dict:
     """The config.json diffusers writes: every field, lists for tuples, plus the class name."""
     d = {k: list(v) if isinstance(v, tuple) else v
          for k, v in dataclasses.asdict(model.config).items()}
     return {"_class_name": model.class_name, "_diffusers_version": DIFFUSERS_VERSION, **d}
-
 
 def save_pretrained(model: nn.Module, path: str):
     """Write path/config.json + path/diffusion_pytorch_model.safetensors (diffusers loads it)."""
@@ -668,98 +645,74 @@ def save_pretrained(model: nn.Module, path: str):
 # As in diffusers, each model class has it as a method: unet.save_pretrained(path).
 UNetSpatioTemporal.save_pretrained = AutoencoderKL.save_pretrained = save_pretrained
 
-
-def read_weights(path: str) -> tuple[dict, str]:
-    """The state dict of a model folder and the file it came from (safetensors, sharded, .bin)."""
-    single = os.path.join(path, WEIGHTS_NAME)
-    index, binary = single + ".index.json", os.path.join(path, WEIGHTS_NAME_BIN)
-    if os.path.isfile(single):
-        return load_file(single), single
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_file(os.path.join(path, s)).items()}, index
-    if os.path.isfile(binary):  # never unpickle arbitrary objects
-        return torch_load(binary), binary
-    raise ModelLoadError(
-        f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
-
-
-def load_model(path: str, expect: str | None = None) -> nn.Module:
-    """Build the model a diffusers-format folder describes and load its weights, strictly.
-
-    `expect` ("UNetSpatioTemporalConditionModel" or "AutoencoderKL") rejects a folder of the
-    other class. Raises ModelLoadError naming the file and the offending keys.
-    """
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise ModelLoadError(f"{path}: model folder not found")
-    if not os.path.isfile(config_path):
-        raise ModelLoadError(f"{path}: no config.json in the model folder")
+def build(config_file: str, expect: str | None = None) -> nn.Module:
+    """The model (random weights) a config.json describes; `expect`, a _class_name, refuses the
+    other class. Unknown keys are ignored (the published UNet's config carries EMA bookkeeping),
+    missing ones take diffusers' defaults, which are the config dataclass's."""
     try:
-        with open(config_path) as f:
+        with open(config_file) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from e
-    name = d.get("_class_name")
+        raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from e
+    name = d.get("_class_name") if isinstance(d, dict) else None
     if name not in CLASSES:
-        raise ModelLoadError(f"{config_path}: unknown _class_name {name!r}; "
+        raise ModelLoadError(f"{config_file}: unknown _class_name {name!r}; "
                              f"expected one of {sorted(CLASSES)}")
-    if expect is not None and name != expect:
-        raise ModelLoadError(f"{config_path}: this folder holds a {name}, expected a {expect}")
+    if expect not in (None, name):
+        raise ModelLoadError(f"{config_file}: this folder holds a {name}, expected a {expect}")
     cls, config_cls = CLASSES[name]
+    names = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        model = cls(config_from_dict(config_cls, d))
+        return cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in d.items() if k in names}))
     except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{config_path}: invalid configuration ({e})") from e
-    state, source = read_weights(path)
-    state = {rename_legacy(k): v for k, v in state.items()}
+        raise ModelLoadError(f"{config_file}: invalid configuration ({e})") from e
+
+def load_weights(model: nn.Module, state, source: str, config_file: str) -> nn.Module:
+    """model with the state dict `state` loaded strictly, in eval mode; ModelLoadError names the
+    weights file and the missing, unexpected and misshapen keys (the first eight of each)."""
+    state = state if isinstance(state, dict) else {}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {list(state[k].shape)} (model: {list(expected[k].shape)})"
-                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    problems = [f"{what}: {shorten(keys)}" for what, keys in
-                [("missing keys", missing), ("unexpected keys", unexpected),
-                 ("wrong shapes", wrong)] if keys]
+    wrong = [f"{k} {list(v.shape) if torch.is_tensor(v) else type(v).__name__} "
+             f"(model: {list(expected[k].shape)})" for k, v in state.items()
+             if k in expected and not (torch.is_tensor(v) and v.shape == expected[k].shape)]
+    problems = [(what, sorted(keys)) for what, keys in [
+        ("missing keys", expected.keys() - state.keys()),
+        ("unexpected keys", state.keys() - expected.keys()), ("wrong shapes", wrong)] if keys]
     if problems:
-        raise ModelLoadError(f"{source} does not match {name} of {config_path}: "
-                             + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+        raise ModelLoadError(f"{source} does not match the {model.class_name} of {config_file}: "
+                             + "; ".join(f"{what}: " + ", ".join(keys[:8])
+                                         + (f" ... and {len(keys) - 8} more" if keys[8:] else "")
+                                         for what, keys in problems))
+    model.load_state_dict(state)
     return model.eval()
 
-
-def rename_legacy(key: str) -> str:
-    """mid_block.attentions.0.query.weight -> ...to_q.weight (pre-0.14 diffusers VAE names)."""
-    parts = key.split(".")
-    if "mid_block" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION:
-        parts[-2] = LEGACY_ATTENTION[parts[-2]]
-    return ".".join(parts)
-
-
-def shorten(keys: list, n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
-
-
-# --- training checkpoints ----------------------------------------------------------------------
-# train.py's <run>/checkpoint-<step>/ holds plain state dicts (model.pt; ema.pt, which is {"step",
-# "max_decay", "model": the EMA's weights}; optimizer.pt, scaler.pt, trainer.pt) and two JSON files
-# (model_config.json as config_to_dict writes it, training_config.json). save_checkpoint fills a
-# temporary folder and renames it, and deletes old ones by renaming them first, so a folder under
-# its final name is complete; train.py (resume), export.py and sample.py all find them here.
-
-CHECKPOINT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt", "trainer.pt",
-                    "model_config.json", "training_config.json")
-
-
-def torch_load(path: str, **kw):
-    """torch.load(path, weights_only=True) on the CPU: tensors, numbers, strings and containers
-    of them, never arbitrary objects (pickles run code). ModelLoadError names a bad file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, **kw)
-    except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
-        raise ModelLoadError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-
+def load_model(path: str, expect: str | None = None) -> nn.Module:
+    """The UNet or VAE of a diffusers-format model folder, its weights loaded strictly from
+    diffusion_pytorch_model.safetensors, or a .bin read with weights_only=True. `expect`
+    ("UNetSpatioTemporalConditionModel" or "AutoencoderKL") refuses a folder of the other class."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ModelLoadError(f"{path}: " + ("no config.json in the model folder"
+                                            if os.path.isdir(path) else "model folder not found"))
+    model = build(config_file, expect)
+    single, binary = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
+    if os.path.isfile(single):
+        state, source = load_file(single), single
+    elif os.path.isfile(binary):  # never unpickle arbitrary objects
+        state, source = torch_load(binary), binary
+    else:
+        raise ModelLoadError(
+            f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
+    # Before diffusers 0.14 the VAE's mid-block attention named its layers query, key, value and
+    # proj_attn (mid_block.attentions.0.query.weight); diffusers renames them on load, as we do.
+    renamed = {}
+    for key, value in (state.items() if isinstance(state, dict) else []):
+        parts = key.split(".")
+        if "mid_block" in parts[:-2] and parts[-2] in LEGACY_ATTENTION:
+            parts[-2] = LEGACY_ATTENTION[parts[-2]]
+        renamed[".".join(parts)] = value
+    return load_weights(model, renamed, source, config_file)
 
 def remove_folder(path: str):
     """Deletes a folder after renaming it to .tmp-removed-<name>: a crash meanwhile never leaves
@@ -767,7 +720,6 @@ def remove_folder(path: str):
     tmp = os.path.join(os.path.dirname(path), ".tmp-removed-" + os.path.basename(path))
     os.replace(path, tmp)
     shutil.rmtree(tmp)
-
 
 def save_checkpoint(run: str, step: int, files: dict, keep: int):
     """Writes <run>/checkpoint-<step>/ from files {"model": state dict, ..., "model_config": dict,
@@ -788,7 +740,6 @@ def save_checkpoint(run: str, step: int, files: dict, keep: int):
     for _, old in list_checkpoints(run)[:-keep]:
         remove_folder(old)
 
-
 def list_checkpoints(run: str) -> list:
     """[(step, path)] of a run folder's complete checkpoint-<step>/ folders, by step (newest
     last), not by modification time, which a copy scrambles; a folder lacking any of
@@ -798,7 +749,6 @@ def list_checkpoints(run: str) -> list:
              if n.startswith("checkpoint-") and n[11:].isdigit()]
     return sorted((step, path) for step, path in found
                   if all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES))
-
 
 def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
     """(module in eval mode, checkpoint folder): the UNet or VAE of a training checkpoint with
@@ -815,21 +765,13 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
         raise ModelLoadError(f"{path}: an incomplete checkpoint (no {', '.join(missing)})")
     file = os.path.join(path, f"{weights}.pt")
     state = torch_load(file)
-    try:
-        with open(os.path.join(path, "model_config.json")) as f:
-            config = json.load(f)
-        cls, config_cls = CLASSES[config["_class_name"]]
-        module = cls(config_from_dict(config_cls, config))
-        module.load_state_dict(state.get("model", state))  # ema.pt keeps them under "model"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise ModelLoadError(f"{file}: does not load as the model of {path}/model_config.json "
-                             f"({str(e).splitlines()[0]})") from None
-    return module.eval(), path
-
+    config_file = os.path.join(path, "model_config.json")
+    if isinstance(state, dict) and "model" in state:  # ema.pt: {"step", "max_decay", "model"}
+        state = state["model"]
+    return load_weights(build(config_file), state, file, config_file), path
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Smoke run: build a preset, one forward pass.")
