@@ -1,24 +1,23 @@
 """The two networks of EchoNet-Synthetic's latent video diffusion model, written out in PyTorch.
 
-- `UNetSpatioTemporal`: the Stable Video Diffusion UNet (diffusers'
-  `UNetSpatioTemporalConditionModel`) that the LVDM trains: 2D ResNet + spatial attention blocks,
-  each followed by a temporal ResNet / temporal attention branch and a learned mix of the two.
+- `UNetSpatioTemporal`: the Stable Video Diffusion UNet (diffusers' UNetSpatioTemporalCondition-
+  Model) the LVDM trains: 2D ResNets and spatial attention, each followed by a temporal ResNet /
+  temporal attention, mixed by a learned alpha.
 - `AutoencoderKL`: the latent-diffusion VAE, 112x112 echo frames <-> 4x14x14 latents.
-Both load the published diffusers-format folders (`config.json` + safetensors) key for key and
-compute what diffusers 0.42.1 computes, bit for bit in fp32 (tests/test_model.py).
+Both load the published diffusers-format folders key for key and compute what diffusers 0.42.1
+does, bit for bit in fp32 (tests/test_model.py). The file ends with model folders and checkpoints.
 
     python model.py                  # smoke run: build the "tiny" presets, one forward pass each
     python model.py --preset lvdm    # the paper's UNet (143.8 M parameters)
 
-References: Reynaud et al. 2024, "EchoNet-Synthetic: Privacy-preserving video generation for safe
-medical data sharing" (the LVDM, its configuration); Blattmann et al. 2023, "Stable Video
-Diffusion" and "Align your Latents" (spatial layers interleaved with temporal ones, mixed by a
-learned alpha); Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
-Models" (the VAE); Vaswani et al. 2017 (attention); Shazeer 2020, "GLU Variants" (GEGLU).
+References: Reynaud et al. 2024, "EchoNet-Synthetic" (the LVDM, its configuration); Blattmann et
+al. 2023, "Stable Video Diffusion" and "Align your Latents" (temporal layers after spatial ones,
+mixed by a learned alpha); Rombach et al. 2022, "Latent Diffusion Models" (the VAE); Vaswani et
+al. 2017 (attention); Shazeer 2020, "GLU Variants" (GEGLU).
 
-Shapes: B batch, F frames, N = B*F frames folded into the batch, C channels, H/W latent height/
-width, L = H*W tokens of a frame, D time-embedding width; `t` is diffusion time. Attribute names
-are diffusers' (so state-dict keys match the checkpoints); class names and comments explain.
+Shapes: B batch, F frames, N = B*F frames folded into the batch, C channels, H/W height/width,
+L = H*W tokens of a frame, D time-embedding width. Attribute names are diffusers' (so the keys
+match the checkpoints); class names and comments explain.
 """
 
 import argparse
@@ -27,7 +26,6 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -36,15 +34,12 @@ from safetensors.torch import load_file, save
 from torch.utils.checkpoint import checkpoint
 
 # --- config ------------------------------------------------------------------------------------
-# Field names and defaults are diffusers' (a config.json missing a field takes diffusers' default);
-# the EchoNet-Synthetic values are the presets below.
-
-# The UNet's block types (diffusers' names): with attention (CrossAttn...) or ResNets only.
+# Field names and defaults are diffusers'; EchoNet-Synthetic's values are the presets below. The
+# UNet's block types (diffusers' names): with attention (CrossAttn...) or ResNets only.
 XDOWN, DOWN = "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"
 XUP, UP = "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"
 
-
-@dataclass
+@dataclasses.dataclass
 class UNetConfig:
     sample_size: int | None = None        # latent size at training (forward does not read it)
     in_channels: int = 8                  # 4 noisy latent channels + 4 of the conditioning frame
@@ -60,8 +55,7 @@ class UNetConfig:
     num_attention_heads: int | tuple = (5, 10, 20, 20)  # heads per resolution
     num_frames: int = 25                  # frames the model was trained on (not used by forward)
 
-
-@dataclass
+@dataclasses.dataclass
 class VAEConfig:
     in_channels: int = 3                  # RGB frames in [-1, 1]
     out_channels: int = 3
@@ -82,11 +76,9 @@ class VAEConfig:
     use_post_quant_conv: bool = True      # 1x1 conv on the latent before decoding
     mid_block_add_attention: bool = True  # one self-attention in each mid block
 
-
-# "lvdm": EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml (143,830,186 parameters).
-# "echonet": the published VAE (62,412,007 parameters, 112x112 -> 4x14x14).
-# The small presets train on a CPU for the demo and the tests.
-# EchoNet's conditioning: the EF as one 1-wide token, one added time id (whose embedding is 0).
+# "lvdm": echosyn/lvdm/configs/default.yaml (143,830,186 parameters); "echonet": the published VAE
+# (62,412,007); the small ones train on a CPU for the demo and the tests. EchoNet's conditioning:
+# the EF as one 1-wide token, one added time id (whose embedding is 0).
 ECHONET = dict(sample_size=14, cross_attention_dim=1, addition_time_embed_dim=1,
                projection_class_embeddings_input_dim=1)
 UNET_PRESETS = {
@@ -112,14 +104,12 @@ VAE_PRESETS = {
     "tiny": VAEConfig(block_out_channels=(32, 32, 32, 32), **VAE4),
 }
 
-
 def per_block(value, n: int) -> list:
     """An int (or other scalar) repeated n times, or a per-block list checked to have n entries."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
         raise ValueError(f"expected {n} per-block values, got {values}")
     return values
-
 
 # --- building blocks, smallest first -----------------------------------------------------------
 
@@ -134,7 +124,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     # An odd dim gets a zero column: with dim = 1 (EchoNet's added time ids) all is zero.
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
-
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear: the MLP applied to a sinusoidal embedding."""
     def __init__(self, in_dim: int, dim: int, out_dim: int | None = None):
@@ -145,19 +134,15 @@ class TimestepEmbedding(nn.Module):
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
 
-
 class AlphaBlender(nn.Module):
     """a * x_spatial + (1 - a) * x_temporal with a = sigmoid(mix_factor), learned (init 0.5)."""
-    def __init__(self, alpha: float = 0.5):
+    def __init__(self):
         super().__init__()
-        self.mix_factor = nn.Parameter(torch.tensor([alpha]))
+        self.mix_factor = nn.Parameter(torch.tensor([0.5]))
 
-    def forward(self, x_spatial, x_temporal):
-        # diffusers' "learned_with_images" strategy sets a = 1 for frames flagged as still
-        # images; the UNet never flags any.
+    def forward(self, x_spatial, x_temporal):  # (diffusers' a = 1 for still images: none here)
         a = torch.sigmoid(self.mix_factor).to(x_spatial.dtype)
         return a * x_spatial + (1.0 - a) * x_temporal
-
 
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) of L tokens to themselves or to S others."""
@@ -176,17 +161,15 @@ class Attention(nn.Module):
         S = context.shape[1]
         v = self.to_v(context)                                           # (B, S, C)
         if S == 1:
-            # One context token (EchoNet's EF): softmax over a single key is exactly 1, so every
-            # query receives that token's value, whatever the queries; to_q, to_k and the norm
-            # before the attention do not matter. to_out runs on all L copies of v, as diffusers
-            # runs it on the attention output, so that the rows round as diffusers' do.
+            # One context token (EchoNet's EF): softmax over one key is exactly 1, so every query
+            # receives its value whatever the queries (to_q, to_k and the norm before do not
+            # matter). to_out runs on all L copies of v, so the rows round as diffusers' do.
             return self.to_out[0](v.expand(B, L, -1).contiguous())       # (B, L, C)
         q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)     # (B, heads, L, head_dim)
         k = self.to_k(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, heads, S, hd)
         v = v.view(B, S, self.heads, -1).transpose(1, 2)                # (B, heads, S, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1).to(q.dtype))  # (B, L, C)
-
 
 class FeedForward(nn.Module):
     """GEGLU feed-forward (Shazeer 2020): Linear to 2 x 4C, value * GELU(gate), Linear back to C."""
@@ -199,7 +182,6 @@ class FeedForward(nn.Module):
     def forward(self, x):  # x: (..., C)
         value, gate = self.net[0]["proj"](x).chunk(2, dim=-1)  # (..., 4C) each
         return self.net[2](value * F.gelu(gate))
-
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer layer: self-attention, cross-attention to the context, GEGLU MLP."""
@@ -223,7 +205,6 @@ class TransformerBlock(nn.Module):
         h = h + self.attn2(self.norm2(h), context)
         return h + self.ff(self.norm3(h))
 
-
 class TransformerSpatioTemporal(nn.Module):
     """Attention module: a spatial transformer per frame, a temporal one per pixel, blended."""
     def __init__(self, channels: int, heads: int, num_layers: int, context_dim: int):
@@ -244,9 +225,8 @@ class TransformerSpatioTemporal(nn.Module):
         # The temporal branch attends to the context of frame 0 of each video, at every pixel.
         ctx_t = context[::Fr].repeat_interleave(L, dim=0)                # (B*L, S, Dc)
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(N, L, C))  # (N, L, C)
-        # The temporal branch sees a sinusoidal frame-index embedding (through time_pos_embed),
-        # computed on all N rows (0..F-1 repeated B times) as diffusers does: the rows repeat,
-        # but a matmul over F rows could round differently.
+        # The temporal branch sees a sinusoidal frame-index embedding, computed on all N rows
+        # (0..F-1, B times) as diffusers does: a matmul over F rows could round differently.
         frame_ids = torch.arange(Fr, device=x.device).repeat(B)          # 0..F-1, B times
         pos = self.time_pos_embed(timestep_embedding(frame_ids, C).to(h.dtype))  # (N, C)
         for block, temporal_block in zip(self.transformer_blocks, self.temporal_transformer_blocks):
@@ -258,15 +238,13 @@ class TransformerSpatioTemporal(nn.Module):
         h = self.proj_out(h).view(N, H, W, C).permute(0, 3, 1, 2)          # (N, C, H, W)
         return h.contiguous() + x
 
-
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, plus a skip: 3x3 convs per frame, or (3, 1, 1) in time."""
     def __init__(self, cin, cout, temb_dim: int | None, eps: float, groups=32, temporal=False):
         super().__init__()
-        # diffusers' ResnetBlock2D on frames x: (N, Cin, H, W) with emb: (N, D), or with
-        # temporal=True its TemporalResnetBlock on clips x: (B, C, F, H, W) with emb: (B, F, D):
-        # the GroupNorm pools (C/32, F, H, W) per video and the (3, 1, 1) convs see the frames
-        # before and after (a zero frame beyond each end of the clip).
+        # diffusers' ResnetBlock2D on frames x: (N, Cin, H, W), emb: (N, D), or TemporalResnetBlock
+        # on clips x: (B, C, F, H, W), emb: (B, F, D): GroupNorm pools (C/32, F, H, W) per video,
+        # the (3, 1, 1) convs see the frames before and after (zeros beyond the clip's ends).
         conv, kernel, pad = (nn.Conv3d, (3, 1, 1), (1, 0, 0)) if temporal else (nn.Conv2d, 3, 1)
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = conv(cin, cout, kernel, padding=pad)
@@ -281,7 +259,6 @@ class ResnetBlock(nn.Module):
             h = h + self.time_emb_proj(F.silu(emb)).movedim(-1, 1)[..., None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
 
 class SpatioTemporalResBlock(nn.Module):
     """A 2D ResNet block per frame, then a temporal ResNet block, blended by a learned alpha."""
@@ -298,101 +275,20 @@ class SpatioTemporalResBlock(nn.Module):
         t = self.temporal_res_block(s, emb.view(B, num_frames, -1))      # (B, C, F, H, W)
         return self.time_mixer(s, t).transpose(1, 2).reshape(xs.shape)   # (N, C, H, W)
 
-
-class Downsample2D(nn.Module):
-    """3x3 conv with stride 2. padding=0 (the VAE) pads right and bottom by one pixel first."""
-    def __init__(self, channels: int, padding: int = 1):
+class Resample2D(nn.Module):
+    """diffusers' Downsample2D, a stride-2 3x3 conv (the VAE's padding=0 pads right and bottom by
+    one first), or Upsample2D: nearest 2x (or to a size: 2 -> 4 -> 7 -> 14), then a 3x3 conv."""
+    def __init__(self, channels: int, up=False, padding: int = 1):
         super().__init__()
-        self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
-
-    def forward(self, x):  # the VAE's padding is asymmetric, as in the original LDM autoencoder
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour upsampling (2x, or to an explicit size) followed by a 3x3 conv."""
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.up, self.padding = up, padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=padding)
 
     def forward(self, x, size=None):
-        scale = 2.0 if size is None else None
-        return self.conv(F.interpolate(x, size=size, scale_factor=scale, mode="nearest"))
-
-
-def run(module, checkpointed: bool, *args):
-    """module(*args), with activation checkpointing when asked for and gradients are on."""
-    checkpointed = checkpointed and torch.is_grad_enabled()  # recompute it in the backward pass
-    return checkpoint(module, *args, use_reentrant=False) if checkpointed else module(*args)
-
-
-class DownBlockSpatioTemporal(nn.Module):
-    """(ResNet [+ attention]) x n, then an optional stride-2 conv; each output is a skip."""
-    def __init__(self, cin, cout, temb_dim, num_layers, add_downsample, attentions=None):
-        super().__init__()
-        # diffusers' GroupNorm eps quirk, reproduced: 1e-6 in the blocks with attention, 1e-5 in
-        # those without (the UNet's resnet_eps argument is ignored by both)
-        eps = 1e-5 if attentions is None else 1e-6
-        self.attentions = attentions  # one TransformerSpatioTemporal per ResNet, or None
-        self.resnets = nn.ModuleList(
-            [SpatioTemporalResBlock(cin if i == 0 else cout, cout, temb_dim, eps)
-             for i in range(num_layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(cout)]) if add_downsample else None
-        self.gradient_checkpointing = False
-
-    def forward(self, x, emb, context, num_frames, skips: list):  # x: (N, Cin, H, W)
-        for i, resnet in enumerate(self.resnets):
-            x = run(resnet, self.gradient_checkpointing, x, emb, num_frames)
-            if self.attentions is not None:
-                x = run(self.attentions[i], self.gradient_checkpointing, x, context, num_frames)
-            skips.append(x)                                              # (N, C, H, W)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)                                  # (N, C, H/2, W/2)
-            skips.append(x)
-        return x
-
-
-class UpBlockSpatioTemporal(nn.Module):
-    """(concat a skip -> ResNet [+ attention]) x n, then an optional 2x upsampling; eps 1e-6."""
-    def __init__(self, cin, cprev, cout, temb_dim, num_layers, add_upsample, attentions=None):
-        super().__init__()
-        self.attentions = attentions
-        # ResNet i takes the running features (cprev, then cout) plus a skip (cout, last one cin)
-        self.resnets = nn.ModuleList(
-            [SpatioTemporalResBlock((cprev if i == 0 else cout)
-                                    + (cin if i == num_layers - 1 else cout), cout, temb_dim, 1e-6)
-             for i in range(num_layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(cout)]) if add_upsample else None
-        self.gradient_checkpointing = False
-
-    def forward(self, x, emb, context, num_frames, skips: list):
-        for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips.pop()], dim=1)  # current features first, then the skip
-            x = run(resnet, self.gradient_checkpointing, x, emb, num_frames)
-            if self.attentions is not None:
-                x = run(self.attentions[i], self.gradient_checkpointing, x, context, num_frames)
-        if self.upsamplers is not None:
-            # to the size of the next skip: 2 -> 4 -> 7 -> 14 for 14x14 latents (14 -> 7 -> 4 -> 2
-            # going down); the same as 2x where the sizes divide
-            x = self.upsamplers[0](x, skips[-1].shape[2:])
-        return x
-
-
-class UNetMidBlockSpatioTemporal(nn.Module):
-    """Middle of the UNet: ResNet, attention, ResNet at the lowest resolution (eps 1e-5)."""
-    def __init__(self, channels, temb_dim, attentions):
-        super().__init__()
-        self.attentions = attentions
-        self.resnets = nn.ModuleList(
-            [SpatioTemporalResBlock(channels, channels, temb_dim, 1e-5) for _ in range(2)])
-        self.gradient_checkpointing = False
-
-    def forward(self, x, emb, context, num_frames):
-        x = run(self.resnets[0], self.gradient_checkpointing, x, emb, num_frames)
-        x = run(self.attentions[0], self.gradient_checkpointing, x, context, num_frames)
-        return run(self.resnets[1], self.gradient_checkpointing, x, emb, num_frames)
-
+        if self.up:
+            x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        elif self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
 
 # --- the UNet ----------------------------------------------------------------------------------
 
@@ -404,47 +300,57 @@ class UNetSpatioTemporal(nn.Module):
         super().__init__()
         self.config = c = config
         n = len(c.block_out_channels)
-        lengths = (len(c.down_block_types), len(c.up_block_types), n)
-        if lengths != (n, n, n):
-            raise ValueError(f"down_block_types, up_block_types and block_out_channels need the "
-                             f"same length, got {lengths}")
         kinds = {XDOWN: True, DOWN: False, XUP: True, UP: False}  # name -> with attention
-        for name in (*c.down_block_types, *c.up_block_types):
+        downs, ups, ch, layers, heads, context, tlayers = (per_block(v, n) for v in (
+            c.down_block_types, c.up_block_types, c.block_out_channels, c.layers_per_block,
+            c.num_attention_heads, c.cross_attention_dim, c.transformer_layers_per_block))
+        for name in (*downs, *ups):
             if name not in kinds:
                 raise ValueError(f"unsupported block type {name!r}; this UNet has {sorted(kinds)}")
-        ch, layers, heads, context, tlayers = (per_block(v, n) for v in (
-            c.block_out_channels, c.layers_per_block, c.num_attention_heads,
-            c.cross_attention_dim, c.transformer_layers_per_block))
         D = 4 * ch[0]  # time embedding width
 
-        def attentions(kind, level, count):  # one attention module per ResNet, or None
-            if not kinds[kind]:
-                return None
-            depth = per_block(tlayers[level], count)  # transformer layers in each module
-            return nn.ModuleList([TransformerSpatioTemporal(ch[level], heads[level], depth[k],
-                                                            context[level]) for k in range(count)])
+        def block(level, cins, cout, eps, attention, n_attention=None):
+            """One resolution's block, a container with diffusers' names: a SpatioTemporalResBlock
+            per input width in cins, each followed by a TransformerSpatioTemporal if attention."""
+            b = nn.Module()
+            b.attentions = None
+            if attention:  # transformer layers per attention module: one int or a list
+                b.attentions = nn.ModuleList([TransformerSpatioTemporal(
+                    ch[level], heads[level], d, context[level])
+                    for d in per_block(tlayers[level], n_attention or len(cins))])
+            b.resnets = nn.ModuleList([SpatioTemporalResBlock(cin, cout, D, eps) for cin in cins])
+            return b
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], D)
         self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, D)
         self.down_blocks = nn.ModuleList()
         self.up_blocks = nn.ModuleList()  # registered before mid_block: diffusers' key order
-        for i, kind in enumerate(c.down_block_types):  # level i, highest resolution first
-            self.down_blocks.append(DownBlockSpatioTemporal(
-                ch[max(i - 1, 0)], ch[i], D, layers[i], i < n - 1, attentions(kind, i, layers[i])))
-        self.mid_block = UNetMidBlockSpatioTemporal(ch[-1], D, attentions(XDOWN, n - 1, 1))
-        for i, kind in enumerate(c.up_block_types):
-            j = n - 1 - i  # the level, lowest resolution first; one ResNet more than going down
-            self.up_blocks.append(UpBlockSpatioTemporal(
-                ch[max(j - 1, 0)], ch[min(j + 1, n - 1)], ch[j], D, layers[j] + 1, j > 0,
-                attentions(kind, j, layers[j] + 1)))
+        for i, kind in enumerate(downs):  # level i, highest resolution first
+            # diffusers' GroupNorm eps quirk, reproduced: 1e-6 in the blocks with attention, 1e-5
+            # in those without (the UNet's resnet_eps argument is ignored by both)
+            cins = [ch[max(i - 1, 0)]] + [ch[i]] * (layers[i] - 1)
+            b = block(i, cins, ch[i], 1e-6 if kinds[kind] else 1e-5, kinds[kind])
+            b.downsamplers = nn.ModuleList([Resample2D(ch[i])]) if i < n - 1 else None
+            self.down_blocks.append(b)
+        # The middle: ResNet, attention, ResNet at the lowest resolution (eps 1e-5)
+        self.mid_block = block(n - 1, [ch[-1]] * 2, ch[-1], 1e-5, True, n_attention=1)
+        for i, kind in enumerate(ups):
+            j, m = n - 1 - i, layers[n - 1 - i] + 1  # the level, lowest first; one ResNet more
+            # ResNet k takes the running features (the level below's, then its own) plus a skip
+            # (its own width, the last one the level above's); eps 1e-6
+            cins = [(ch[min(j + 1, n - 1)] if k == 0 else ch[j]) + (ch[max(j - 1, 0)]
+                    if k == m - 1 else ch[j]) for k in range(m)]
+            b = block(j, cins, ch[j], 1e-6, kinds[kind])
+            b.upsamplers = nn.ModuleList([Resample2D(ch[j], up=True)]) if j > 0 else None
+            self.up_blocks.append(b)
         self.conv_norm_out = nn.GroupNorm(32, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
 
     def set_gradient_checkpointing(self, enabled: bool = True):
         """Recompute each ResNet and attention module in the backward pass to save memory."""
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            block.gradient_checkpointing = enabled
+        self.gradient_checkpointing = enabled
 
     def unused_with_one_token(self):
         """Parameters that get no gradient when encoder_hidden_states has one token (EchoNet)."""
@@ -452,6 +358,19 @@ class UNetSpatioTemporal(nn.Module):
         # so DDP needs no unused-parameter search; they stay in the checkpoints, key for key.
         return [p for b in self.modules() if isinstance(b, TransformerBlock)
                 for m in (b.norm2, b.attn2.to_q, b.attn2.to_k) for p in m.parameters()]
+
+    def layer(self, block, k, x, emb, context, num_frames):
+        """ResNet k of a block, then its attention module k if it has one (x: (N, C, H, W));
+        with gradient checkpointing each is recomputed in the backward pass instead of kept."""
+        modules = [(block.resnets[k], emb)]
+        if block.attentions is not None and k < len(block.attentions):  # mid block: only k = 0
+            modules.append((block.attentions[k], context))
+        for module, arg in modules:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(module, x, arg, num_frames, use_reentrant=False)
+            else:
+                x = module(x, arg, num_frames)
+        return x
 
     def forward(self, sample, timestep, encoder_hidden_states, added_time_ids):
         """sample [B, F, Cin, H, W] (any F, H, W), timestep (a number, 0-dim or [B]),
@@ -469,17 +388,27 @@ class UNetSpatioTemporal(nn.Module):
         # Fold frames into the batch: every 2D layer treats the N = B*F frames independently.
         x = self.conv_in(sample.flatten(0, 1))                                       # (N, C, H, W)
         emb = emb.repeat_interleave(Fr, dim=0)                                       # (N, D)
-        context = encoder_hidden_states.repeat_interleave(Fr, dim=0)                 # (N, S, Dc)
+        args = emb, encoder_hidden_states.repeat_interleave(Fr, dim=0), Fr  # context (N, S, Dc)
 
-        skips = [x]  # every output on the way down, concatenated back in on the way up
+        # Down: each ResNet [+ attention] output is a skip, and so is each stride-2 conv's.
+        skips = [x]
         for block in self.down_blocks:
-            x = block(x, emb, context, Fr, skips)
-        x = self.mid_block(x, emb, context, Fr)
+            for k in range(len(block.resnets)):
+                x = self.layer(block, k, x, *args)                           # (N, C, H, W)
+                skips.append(x)
+            if block.downsamplers is not None:
+                x = block.downsamplers[0](x)                                 # (N, C, H/2, W/2)
+                skips.append(x)
+        for k in range(2):  # the middle: ResNet + attention, then a ResNet alone
+            x = self.layer(self.mid_block, k, x, *args)
+        # Up: each ResNet takes the last skip, concatenated after the running features.
         for block in self.up_blocks:
-            x = block(x, emb, context, Fr, skips)
+            for k in range(len(block.resnets)):
+                x = self.layer(block, k, torch.cat([x, skips.pop()], dim=1), *args)
+            if block.upsamplers is not None:  # to the next skip's size (2x where sizes divide)
+                x = block.upsamplers[0](x, skips[-1].shape[2:])
         x = self.conv_out(F.silu(self.conv_norm_out(x)))                   # (N, Cout, H, W)
         return x.reshape(B, Fr, *x.shape[1:])                              # (B, F, Cout, H, W)
-
 
 # --- the autoencoder ---------------------------------------------------------------------------
 
@@ -492,9 +421,8 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None) -> torch.Tensor:
-        """mean + std * eps, eps ~ N(0, I) drawn as diffusers' randn_tensor draws it."""
-        # generator: None, one, or a list with one per batch item (each its own noise), drawn on
-        # the generator's device: a CPU seed gives the same z on a GPU.
+        """mean + std * eps, eps ~ N(0, I) drawn as diffusers' randn_tensor (diffusion.randn) on
+        the generator's device: None, one generator, or one per batch item (each its own)."""
         gens = generator if isinstance(generator, list) else [generator]
         shape = self.mean.shape if len(gens) == 1 else (1, *self.mean.shape[1:])
         eps = torch.cat([torch.randn(shape, generator=g, dtype=self.mean.dtype,
@@ -509,7 +437,6 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per item, summed over latent elements: [B]."""
         return 0.5 * torch.sum(self.mean**2 + self.logvar.exp() - 1.0 - self.logvar, dim=[1, 2, 3])
 
-
 class VAEAttention(Attention):
     """Single-head self-attention over the h*w positions of a feature map, plus a residual."""
     def forward(self, x):  # x: (B, C, h, w)
@@ -518,7 +445,6 @@ class VAEAttention(Attention):
         # encoder's output is one) the 4D GroupNorm kernel would round differently.
         t = self.group_norm(x.view(B, C, h * w)).transpose(1, 2)        # (B, h*w, C)
         return super().forward(t).transpose(1, 2).reshape(B, C, h, w) + x
-
 
 class VAEMidBlock(nn.Module):
     """ResNet, optional self-attention, ResNet at the VAE's lowest resolution."""
@@ -535,7 +461,6 @@ class VAEMidBlock(nn.Module):
             x = self.attentions[0](x)
         return self.resnets[1](x)
 
-
 class VAEBlock(nn.Module):
     """Encoder (DownEncoderBlock2D) or decoder (UpDecoderBlock2D) block: ResNets + resampling."""
     def __init__(self, cin, cout, num_layers, groups, down=False, up=False):
@@ -543,49 +468,12 @@ class VAEBlock(nn.Module):
         self.resnets = nn.Sequential(
             *[ResnetBlock(cin if i == 0 else cout, cout, None, 1e-6, groups)
               for i in range(num_layers)])
-        self.downsamplers = nn.Sequential(Downsample2D(cout, padding=0)) if down else None
-        self.upsamplers = nn.Sequential(Upsample2D(cout)) if up else None
+        self.downsamplers = nn.Sequential(Resample2D(cout, padding=0)) if down else None
+        self.upsamplers = nn.Sequential(Resample2D(cout, up=True)) if up else None
 
     def forward(self, x):  # x: (B, Cin, H, W) -> (B, C, H, W), or at half or twice the size
         resample = self.downsamplers or self.upsamplers  # one, the other or neither
         return self.resnets(x) if resample is None else resample(self.resnets(x))
-
-
-class Encoder(nn.Module):
-    """Image [B, 3, H, W] -> moments [B, 2 * latent, H / 2^k, W / 2^k] (mean and log-variance)."""
-    def __init__(self, c: VAEConfig):
-        super().__init__()
-        ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.Sequential(
-            *[VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, down=i < n - 1)
-              for i in range(n)])
-        self.mid_block = VAEMidBlock(ch[-1], g, c.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
-
-    def forward(self, x):
-        x = self.mid_block(self.down_blocks(self.conv_in(x)))           # (B, C, h, w)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-
-class Decoder(nn.Module):
-    """Latent [B, latent, h, w] -> image [B, 3, h * 2^k, w * 2^k]."""
-    def __init__(self, c: VAEConfig):
-        super().__init__()
-        rch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = nn.Conv2d(c.latent_channels, rch[0], 3, padding=1)
-        self.up_blocks = nn.Sequential(  # registered before mid_block: diffusers' key order
-            *[VAEBlock(rch[max(i - 1, 0)], rch[i], c.layers_per_block + 1, g, up=i < n - 1)
-              for i in range(n)])
-        self.mid_block = VAEMidBlock(rch[0], g, c.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(g, rch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(rch[-1], c.out_channels, 3, padding=1)
-
-    def forward(self, z):
-        x = self.up_blocks(self.mid_block(self.conv_in(z)))            # (B, C, H, W)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
-
 
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL: encode(x) -> DiagonalGaussian posterior, decode(z) -> image."""
@@ -594,15 +482,31 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         c = self.config = config
-        kinds = (set(c.down_block_types), set(c.up_block_types), c.act_fn)
-        if kinds != ({"DownEncoderBlock2D"}, {"UpDecoderBlock2D"}, "silu"):
+        ch, g, k = c.block_out_channels, c.norm_num_groups, c.latent_channels
+        kinds, n = (set(c.down_block_types), set(c.up_block_types), c.act_fn), len(ch)
+        if kinds != ({"DownEncoderBlock2D"}, {"UpDecoderBlock2D"}, "silu") or len(
+                c.down_block_types) != n:
             raise ValueError(f"unsupported VAE {kinds}: this one has DownEncoderBlock2D, "
-                             "UpDecoderBlock2D and act_fn silu only")
-        if len(c.down_block_types) != len(c.block_out_channels):
-            raise ValueError("the VAE needs one down block type per block_out_channels entry")
-        self.encoder = Encoder(c)
-        self.decoder = Decoder(c)
-        k = c.latent_channels
+                             "UpDecoderBlock2D (one per block_out_channels entry) and silu only")
+        # Encoder (a container with diffusers' names): image -> a block per resolution, all but
+        # the last halving it -> mid block -> moments. The decoder mirrors it, one ResNet longer.
+        self.encoder = e = nn.Module()
+        e.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        e.down_blocks = nn.Sequential(
+            *[VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, down=i < n - 1)
+              for i in range(n)])
+        e.mid_block = VAEMidBlock(ch[-1], g, c.mid_block_add_attention)
+        e.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        e.conv_out = nn.Conv2d(ch[-1], 2 * k, 3, padding=1)
+        self.decoder = d = nn.Module()
+        rch = ch[::-1]  # lowest resolution first
+        d.conv_in = nn.Conv2d(k, rch[0], 3, padding=1)
+        d.up_blocks = nn.Sequential(  # registered before mid_block: diffusers' key order
+            *[VAEBlock(rch[max(i - 1, 0)], rch[i], c.layers_per_block + 1, g, up=i < n - 1)
+              for i in range(n)])
+        d.mid_block = VAEMidBlock(rch[0], g, c.mid_block_add_attention)
+        d.conv_norm_out = nn.GroupNorm(g, rch[-1], eps=1e-6)
+        d.conv_out = nn.Conv2d(rch[-1], c.out_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * k, 2 * k, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(k, k, 1) if c.use_post_quant_conv else None
 
@@ -611,12 +515,17 @@ class AutoencoderKL(nn.Module):
 
         The UNet works on z * config.scaling_factor; divide by it again before decoding.
         """
-        moments = self.encoder(x)                                        # (B, 2 * latent, h, w)
+        e = self.encoder
+        x = e.mid_block(e.down_blocks(e.conv_in(x)))                     # (B, C, h, w)
+        moments = e.conv_out(F.silu(e.conv_norm_out(x)))                 # (B, 2 * latent, h, w)
         return DiagonalGaussian(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z) -> torch.Tensor:
         """z [B, latent, h, w] (already divided by scaling_factor) -> image [B, 3, H, W]."""
-        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+        d = self.decoder
+        z = z if self.post_quant_conv is None else self.post_quant_conv(z)
+        x = d.up_blocks(d.mid_block(d.conv_in(z)))                      # (B, C, H, W)
+        return d.conv_out(F.silu(d.conv_norm_out(x)))
 
     def forward(self, x, sample_posterior: bool = False, generator=None):
         """Reconstruction: decode(mode) or decode(sample) of encode(x), and the posterior."""
@@ -624,35 +533,36 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-
-# --- model folders (diffusers format) ----------------------------------------------------------
+# --- model folders and training checkpoints ---------------------------------------------------
+# A model folder (published, or written by export.py): config.json with diffusers' fields and
+# _class_name, plus the weights. A training checkpoint: train.py's <run>/checkpoint-<step>/.
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose maths and key names we match
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 CLASSES = {cls.class_name: (cls, cfg) for cls, cfg in
            [(UNetSpatioTemporal, UNetConfig), (AutoencoderKL, VAEConfig)]}
-# Old diffusers names of the VAE mid-block attention, renamed on load as diffusers does.
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
+CHECKPOINT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt", "trainer.pt",
+                    "model_config.json", "training_config.json")
 
 class ModelLoadError(Exception):
-    """A model folder that cannot be loaded: the message names the file and what is wrong."""
+    """A model folder or checkpoint that cannot be loaded: the message names the file and why."""
 
-
-def config_from_dict(config_cls, d: dict):
-    """A config dataclass from a config.json dict: unknown keys ignored, missing ones default."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-    return config_cls(**kw)
-
+def torch_load(path: str, **kw):
+    """torch.load(path, weights_only=True) on the CPU: tensors, numbers, strings and containers
+    of them, never arbitrary objects (pickles run code). ModelLoadError names a bad file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
+        why = str(e).splitlines()[0] if "Weights only" not in str(e) else "not plain tensors"
+        raise ModelLoadError(f"{path}: unreadable ({why})") from None
 
 def config_to_dict(model: nn.Module) -> dict:
     """The config.json diffusers writes: every field, lists for tuples, plus the class name."""
     d = {k: list(v) if isinstance(v, tuple) else v
          for k, v in dataclasses.asdict(model.config).items()}
     return {"_class_name": model.class_name, "_diffusers_version": DIFFUSERS_VERSION, **d}
-
 
 def save_pretrained(model: nn.Module, path: str):
     """Write path/config.json + path/diffusion_pytorch_model.safetensors (diffusers loads it)."""
@@ -669,115 +579,87 @@ def save_pretrained(model: nn.Module, path: str):
 # As in diffusers, each model class has it as a method: unet.save_pretrained(path).
 UNetSpatioTemporal.save_pretrained = AutoencoderKL.save_pretrained = save_pretrained
 
-
-def read_weights(path: str) -> tuple[dict, str]:
-    """The state dict of a model folder and the file it came from (safetensors, sharded, .bin)."""
-    single = os.path.join(path, WEIGHTS_NAME)
-    index, binary = single + ".index.json", os.path.join(path, WEIGHTS_NAME_BIN)
-    if os.path.isfile(single):
-        try:
-            return load_file(single), single
-        except Exception as e:  # SafetensorError: random bytes, a truncated file
-            raise ModelLoadError(f"{single}: unreadable ({e})") from None
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_file(os.path.join(path, s)).items()}, index
-    if os.path.isfile(binary):  # never unpickle arbitrary objects
-        return torch_load(binary), binary
-    raise ModelLoadError(
-        f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
-
-
-def load_model(path: str, expect: str | None = None) -> nn.Module:
-    """Build the model a diffusers-format folder describes and load its weights, strictly.
-
-    `expect` ("UNetSpatioTemporalConditionModel" or "AutoencoderKL") rejects a folder of the
-    other class. Raises ModelLoadError naming the file and the offending keys.
-    """
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise ModelLoadError(f"{path}: model folder not found")
-    if not os.path.isfile(config_path):
-        raise ModelLoadError(f"{path}: no config.json in the model folder")
+def build(config_file: str, expect: str | None = None) -> nn.Module:
+    """The model (random weights) a config.json describes: unknown keys ignored (the published
+    UNet's carries EMA bookkeeping), missing ones diffusers' defaults (the dataclass's)."""
     try:
-        with open(config_path) as f:
+        with open(config_file) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from e
-    name = d.get("_class_name")
+        raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from e
+    name = d.get("_class_name") if isinstance(d, dict) else None
     if name not in CLASSES:
-        raise ModelLoadError(f"{config_path}: unknown _class_name {name!r}; "
+        raise ModelLoadError(f"{config_file}: unknown _class_name {name!r}; "
                              f"expected one of {sorted(CLASSES)}")
-    if expect is not None and name != expect:
-        raise ModelLoadError(f"{config_path}: this folder holds a {name}, expected a {expect}")
+    if expect not in (None, name):
+        raise ModelLoadError(f"{config_file}: this folder holds a {name}, expected a {expect}")
     cls, config_cls = CLASSES[name]
+    names = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        model = cls(config_from_dict(config_cls, d))
+        return cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in d.items() if k in names}))
     except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{config_path}: invalid configuration ({e})") from e
-    state, source = read_weights(path)
-    state = {rename_legacy(k): v for k, v in state.items()}
+        raise ModelLoadError(f"{config_file}: invalid configuration ({e})") from e
+
+def load_weights(model: nn.Module, state, source: str, config_file: str) -> nn.Module:
+    """model with the state dict `state` loaded strictly, in eval mode; ModelLoadError names the
+    weights file and the missing, unexpected and misshapen keys (the first eight of each)."""
+    state = state if isinstance(state, dict) else {}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {list(state[k].shape)} (model: {list(expected[k].shape)})"
-                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    problems = [f"{what}: {shorten(keys)}" for what, keys in
-                [("missing keys", missing), ("unexpected keys", unexpected),
-                 ("wrong shapes", wrong)] if keys]
+    wrong = [f"{k} {list(v.shape) if torch.is_tensor(v) else type(v).__name__} "
+             f"(model: {list(expected[k].shape)})" for k, v in state.items()
+             if k in expected and not (torch.is_tensor(v) and v.shape == expected[k].shape)]
+    problems = [(what, sorted(keys)) for what, keys in [
+        ("missing keys", expected.keys() - state.keys()),
+        ("unexpected keys", state.keys() - expected.keys()), ("wrong shapes", wrong)] if keys]
     if problems:
-        raise ModelLoadError(f"{source} does not match {name} of {config_path}: "
-                             + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+        raise ModelLoadError(f"{source} does not match the {model.class_name} of {config_file}: "
+                             + "; ".join(f"{what}: {', '.join(keys[:8])}" + (
+                                 f" ... and {len(keys) - 8} more" if keys[8:] else "")
+                                 for what, keys in problems))
+    model.load_state_dict(state)
     return model.eval()
 
-
-def rename_legacy(key: str) -> str:
-    """mid_block.attentions.0.query.weight -> ...to_q.weight (pre-0.14 diffusers VAE names)."""
-    parts = key.split(".")
-    if "mid_block" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION:
-        parts[-2] = LEGACY_ATTENTION[parts[-2]]
-    return ".".join(parts)
-
-
-def shorten(keys: list, n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
-
-
-# --- training checkpoints ----------------------------------------------------------------------
-# train.py's <run>/checkpoint-<step>/ holds plain state dicts (model.pt; ema.pt, which is {"step",
-# "max_decay", "model": the EMA's weights}; optimizer.pt, scaler.pt, trainer.pt) and two JSON files
-# (model_config.json as config_to_dict writes it, training_config.json). save_checkpoint fills a
-# temporary folder and renames it, and deletes old ones by renaming them first, so a folder under
-# its final name is complete; train.py (resume), export.py and sample.py all find them here.
-
-CHECKPOINT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt", "trainer.pt",
-                    "model_config.json", "training_config.json")
-
-
-def torch_load(path: str, **kw):
-    """torch.load(path, weights_only=True) on the CPU: tensors, numbers, strings and containers
-    of them, never arbitrary objects (pickles run code). ModelLoadError names a bad file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, **kw)
-    except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
-        why = str(e).splitlines()[0] if "Weights only" not in str(e) else "not plain tensors"
-        raise ModelLoadError(f"{path}: unreadable ({why})") from None
-
+def load_model(path: str, expect: str | None = None) -> nn.Module:
+    """The UNet or VAE of a diffusers-format model folder, loaded strictly from its safetensors
+    (or a .bin, weights_only); `expect`, a _class_name, refuses a folder of the other class."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ModelLoadError(f"{path}: " + ("no config.json in the model folder"
+                                            if os.path.isdir(path) else "model folder not found"))
+    model = build(config_file, expect)
+    single, binary = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
+    if os.path.isfile(single):
+        try:
+            state, source = load_file(single), single
+        except Exception as e:  # SafetensorError: random bytes, a truncated file
+            raise ModelLoadError(f"{single}: unreadable ({e})") from None
+    elif os.path.isfile(binary):  # never unpickle arbitrary objects
+        state, source = torch_load(binary), binary
+    else:
+        raise ModelLoadError(
+            f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
+    # Before diffusers 0.14 the VAE's mid-block attention named its layers query, key, value and
+    # proj_attn (mid_block.attentions.0.query.weight); diffusers renames them on load, as we do.
+    renamed = {}
+    for key, value in (state.items() if isinstance(state, dict) else []):
+        parts = key.split(".")
+        if "mid_block" in parts[:-2] and parts[-2] in LEGACY_ATTENTION:
+            parts[-2] = LEGACY_ATTENTION[parts[-2]]
+        renamed[".".join(parts)] = value
+    return load_weights(model, renamed, source, config_file)
 
 def remove_folder(path: str):
-    """Deletes a folder after renaming it to .tmp-removed-<name>: a crash meanwhile never leaves
-    a half-deleted folder under its real name (train.py deletes .tmp-* folders when it starts)."""
+    """Deletes a folder renamed .tmp-removed-<name> first: a crash never leaves a half-deleted
+    folder under its real name (train.py deletes .tmp-* folders when it starts)."""
     tmp = os.path.join(os.path.dirname(path), ".tmp-removed-" + os.path.basename(path))
     os.replace(path, tmp)
     shutil.rmtree(tmp)
 
-
 def save_checkpoint(run: str, step: int, files: dict, keep: int):
-    """Writes <run>/checkpoint-<step>/ from files {"model": state dict, ..., "model_config": dict,
-    ...}: a name ending in _config as .json, others as .pt; then deletes all but the newest `keep`.
-    Filled under .tmp-checkpoint-<step> and renamed at the end: a checkpoint-<step> is complete."""
+    """Writes <run>/checkpoint-<step>/ from {name: value} (model, ema = {"step", "max_decay",
+    "model"}, optimizer, scaler, trainer as .pt; *_config as .json) under a temporary name, then
+    renamed, so a checkpoint-<step> is complete; then deletes all but the newest `keep`."""
     tmp, final = (os.path.join(run, f"{p}checkpoint-{step}") for p in (".tmp-", ""))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -793,22 +675,18 @@ def save_checkpoint(run: str, step: int, files: dict, keep: int):
     for _, old in list_checkpoints(run)[:-keep]:
         remove_folder(old)
 
-
 def list_checkpoints(run: str) -> list:
-    """[(step, path)] of a run folder's complete checkpoint-<step>/ folders, by step (newest
-    last), not by modification time, which a copy scrambles; a folder lacking any of
-    CHECKPOINT_FILES (an older version's half-deleted one) is left out."""
+    """[(step, path)] of a run folder's checkpoint-<step>/ folders holding all CHECKPOINT_FILES,
+    by step (newest last), not by modification time, which a copy scrambles."""
     names = os.listdir(run) if os.path.isdir(run) else []
     found = [(int(n[11:]), os.path.join(run, n)) for n in names
              if n.startswith("checkpoint-") and n[11:].isdigit()]
     return sorted((step, path) for step, path in found
                   if all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES))
 
-
 def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
-    """(module in eval mode, checkpoint folder): the UNet or VAE of a training checkpoint with
-    its EMA weights (weights="ema", as the original exported) or its raw ones ("model"). `path`
-    is a checkpoint-<step>/ folder, or a run folder: then its highest complete step."""
+    """(module in eval mode, checkpoint folder): a checkpoint's UNet or VAE with its EMA weights
+    (as the original exported) or its raw ones ("model"); a run folder: its highest step's."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):  # a run folder
         found = list_checkpoints(path)
         if not found:
@@ -820,21 +698,13 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
         raise ModelLoadError(f"{path}: an incomplete checkpoint (no {', '.join(missing)})")
     file = os.path.join(path, f"{weights}.pt")
     state = torch_load(file)
-    try:
-        with open(os.path.join(path, "model_config.json")) as f:
-            config = json.load(f)
-        cls, config_cls = CLASSES[config["_class_name"]]
-        module = cls(config_from_dict(config_cls, config))
-        module.load_state_dict(state.get("model", state))  # ema.pt keeps them under "model"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise ModelLoadError(f"{file}: does not load as the model of {path}/model_config.json "
-                             f"({str(e).splitlines()[0]})") from None
-    return module.eval(), path
-
+    config_file = os.path.join(path, "model_config.json")
+    if isinstance(state, dict) and "model" in state:  # ema.pt: {"step", "max_decay", "model"}
+        state = state["model"]
+    return load_weights(build(config_file), state, file, config_file), path
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Smoke run: build a preset, one forward pass.")
