@@ -345,8 +345,8 @@ def save_preview(path, strip, labels, fps):
     head = np.asarray(head)
     data.save_video(path + ".gif", [np.concatenate([head, frame]) for frame in strip], fps)
     rows = np.linspace(0, len(strip) - 1, min(len(strip), 8)).round().astype(int)
-    Image.fromarray(np.concatenate([head, *strip[rows]])).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path + ".png")
+    png = Image.fromarray(np.concatenate([head, *strip[rows]]))
+    data.write_whole(path + ".png", lambda tmp: png.save(tmp, format="PNG"))
 
 def preview_example(cfg, train_set, device):
     """Rank 0's fixed validation example, so that previews are comparable: (the first VAL clip,
