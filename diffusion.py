@@ -242,10 +242,13 @@ def predict(unet, x_t, cond, t, ef):
 
 @torch.no_grad()
 def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, guidance=1.0,
-           amp=None, residual=0.0):
+           amp=None, residual=0.0, weak=None):
     """Latents [B, frames, C, h, w] (fp32) denoised from noise after set_timesteps; cond [B, C, h,
     w]; ef [B]; one generator per video. Each step: one UNet call on all windows of all videos
-    (under amp; guidance != 1 adds the NULL_EF pass), one fp32 step; residual: see lvdm_loss."""
+    (under amp; guidance != 1 adds the NULL_EF pass), one fp32 step; residual: see lvdm_loss.
+    weak: a weaker UNet (an early checkpoint of the same run) makes the NULL_EF pass instead of
+    unet: guidance then also steers away from what the weak model gets wrong (autoguidance,
+    Karras et al. 2024, Sec. 3: "guiding a diffusion model with a bad version of itself")."""
     B, C, h, w = cond.shape
     if residual and scheduler.clip:  # +-4 on k (x0 - cond): +-4k on x0
         scheduler = copy.copy(scheduler)
@@ -259,7 +262,12 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
     for t in scheduler.timesteps:
         x_w = split_windows(x, window, stride)  # [B*R, window, C, h, w]
         with amp or contextlib.nullcontext():
-            v = predict(unet, torch.cat([x_w, x_w]) if guide else x_w, cond_w, t, ef_w).float()
+            if weak is None or not guide:
+                v = predict(unet, torch.cat([x_w, x_w]) if guide else x_w, cond_w, t, ef_w).float()
+            else:  # the same inputs, the null EF's half to the weak model
+                n = len(x_w)
+                v = torch.cat([predict(unet, x_w, cond_w[:n], t, ef_w[:n]),
+                               predict(weak, x_w, cond_w[n:], t, ef_w[n:])]).float()
         if guide:
             v = guided(*v.chunk(2), guidance)
         x = scheduler.step(merge_windows(v, B, frames, window, stride), t, x, generator=generators)

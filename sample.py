@@ -48,6 +48,8 @@ arg("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm (default, 
     "or deterministic ddim")
 arg("--guidance", type=float, default=1.0, help="classifier-free guidance scale, 1 = off "
     "(default; the published model never saw a null EF)")
+arg("--guide_unet", help="autoguidance: the null-EF pass of --guidance from this weaker UNet (an "
+    "early checkpoint of the same run, e.g. out/lvdm/checkpoint-100) instead of --unet")
 arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
 arg("--max_lvef", type=int, default=90, help="highest EF in %% (default: %(default)s)")
 arg("--ef_from", help="a FileList.csv: EFs drawn from its EF column (within min..max)")
@@ -89,6 +91,11 @@ def check_flags(args):
                           "0 <= min_lvef <= max_lvef <= 100 (EF in %)")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device {args.device}: CUDA is not available here (use cpu)")
+    if args.guide_unet and args.guidance == 1:
+        raise SampleError(f"--guide_unet {args.guide_unet}: guides only with --guidance != 1")
+    if args.guide_unet and not os.path.exists(args.guide_unet):
+        raise SampleError(f"--guide_unet {args.guide_unet}: not found (a model folder or a "
+                          "training checkpoint-<step>/ folder)")
     fallback = args.unet == parser.get_default("unet") and model.list_checkpoints(TRAIN_OUT)
     found = {"unet": os.path.exists(args.unet) or bool(fallback), "vae": os.path.exists(args.vae),
              "conditioning": os.path.isdir(args.conditioning)}
@@ -203,9 +210,17 @@ def setup(args, device):
     """The run, checked before any work: models on `device`, scheduler, conditioning files, EFs,
     the video length, and the settings that determine the written files (settings.json)."""
     unet, unet_path, vae = load_models(args)
+    weak, weak_path = load_unet(args.guide_unet) if args.guide_unet else (None, None)
+    same = [(m.config.in_channels, m.config.out_channels, m.config.num_frames, trained_residual(p))
+            for m, p in ((unet, unet_path), (weak, weak_path)) if m]
+    if len(set(same)) > 1:
+        raise SampleError(f"--guide_unet {weak_path}: its channels, num_frames or residual differ "
+                          f"from --unet {unet_path}'s (use an earlier checkpoint of the same run)")
     window = unet.config.num_frames  # 64: the original's T; windows every window // 2 frames
     job = argparse.Namespace(
-        unet=unet.to(device).requires_grad_(False), vae=vae.to(device).requires_grad_(False),
+        unet=unet.to(device).requires_grad_(False),
+        weak=weak.to(device).requires_grad_(False) if weak else None,
+        vae=vae.to(device).requires_grad_(False),
         window=window, frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
         shape=(vae.config.latent_channels, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
         paths=list_conditioning(args.conditioning), device=device,
@@ -220,7 +235,8 @@ def setup(args, device):
                         vae=os.path.abspath(args.vae), ef_from=args.ef_from and os.path.abspath(
                             args.ef_from), conditioning=os.path.abspath(args.conditioning),
                         device=device.type,  # cuda: a bf16 UNet, other bits than the CPU's
-                        residual=job.residual)
+                        residual=job.residual,
+                        guide_unet=weak_path and os.path.abspath(weak_path))
     return job
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -267,7 +283,7 @@ def sample_batch(args, job, index, formats):
         ef = torch.tensor(efs, device=job.device) / 100
         latents = diffusion.sample(job.unet, job.scheduler, x, ef, generators,
                                    max(job.frames, job.window), job.window, job.window // 2,
-                                   args.guidance, job.amp, job.residual)[:, :job.frames]
+                                   args.guidance, job.amp, job.residual, job.weak)[:, :job.frames]
         videos = data.decode(job.vae, latents, args.decode_chunk)
     for i, video, z in zip(index, videos, latents):
         for fmt, path in [(fmt, output_path(args.output, fmt, i)) for fmt in formats]:

@@ -24,13 +24,15 @@ import PIL.ImageDraw
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def score(unet, args, out, guidance, sampler="ddim", steps=5):
-    """Samples args.samples videos from `unet` into out/ and returns evaluate.py's EF row."""
+def score(unet, args, out, guidance, sampler="ddim", steps=5, weak=None):
+    """Samples args.samples videos from `unet` (the null-EF pass from `weak`, if given: sample.py
+    --guide_unet) into out/ and returns evaluate.py's EF row."""
     run = [sys.executable, os.path.join(HERE, "sample.py"), "--unet", unet, "--vae", args.vae,
            "--conditioning", args.data, "--output", out, "--num_samples", str(args.samples),
            "--batch_size", str(args.samples), "--frames", "24", "--fps", "16",
            "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
            "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg"]
+    run += ["--guide_unet", weak] if weak else []
     subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
     results = os.path.join(out, "results.jsonl")
     subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--fake",
@@ -83,10 +85,13 @@ def curve(args):
     with open(os.path.join(args.run, "log.jsonl")) as f:
         seconds = {row["step"]: row.get("train_s", 0.0) for row in map(json.loads, f)}
     points = []
-    for step in steps:
+    for step in steps:  # past --guide-step: autoguided by that checkpoint, as make demo samples
+        weak = os.path.join(args.run, f"checkpoint-{args.guide_step}") \
+            if args.guide_step and step > args.guide_step else None
         ef = score(os.path.join(args.run, f"checkpoint-{step}"), args,
-                   os.path.join(args.out, f"step-{step}"), args.guidance, steps=args.steps)
-        points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60,
+                   os.path.join(args.out, f"step-{step}"), args.guidance, steps=args.steps,
+                   weak=weak)
+        points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60, "weak": weak,
                        "r": ef["ef_pearson_r"], "mae": ef["ef_mae"], "n": ef["ef_n"]})
         print(f"step {step:5d}  {points[-1]['minutes']:5.1f} min  r {points[-1]['r']:.3f}  "
               f"MAE {points[-1]['mae']:.2f}", flush=True)
@@ -97,16 +102,20 @@ def curve(args):
 
 
 def sweep(args):
-    """Guidance 1 / 1.5 / 2 / 3 at DDIM 5 (the demo's), then DDIM 10 / 20 / 50 and DDPM 64 at
-    guidance 3."""
-    cases = [(g, "ddim", 5) for g in (1.0, 1.5, 2.0, 3.0)]
-    cases += [(3.0, "ddim", 10), (3.0, "ddim", 20), (3.0, "ddim", 50), (3.0, "ddpm", 64)]
-    lines = ["| guidance | sampler | steps | EF r | EF MAE |", "|---|---|---|---|---|"]
-    for g, sampler, steps in cases:
-        ef = score(args.unet, args, os.path.join(args.out, f"g{g:g}-{sampler}{steps}"), g,
-                   sampler, steps)
-        lines.append(f"| {g:g} | {sampler.upper()} | {steps} | {ef['ef_pearson_r']:.3f} | "
-                     f"{ef['ef_mae']:.2f} |")
+    """Classifier-free guidance 1 / 1.5 / 2 / 3 at DDIM 5 (the demo's steps); with --guide, the
+    same autoguided; then DDIM 10 / 20 / 50 and DDPM 64 at guidance 3 (autoguided if --guide)."""
+    cases = [(g, "ddim", 5, None) for g in (1.0, 1.5, 2.0, 3.0)]
+    cases += [(g, "ddim", 5, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
+    cases += [(3.0, sampler, steps, args.guide)
+              for sampler, steps in (("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddpm", 64))]
+    lines = ["| guidance | null-EF pass | sampler | steps | EF r | EF MAE |",
+             "|---|---|---|---|---|---|"]
+    for g, sampler, steps, weak in cases:
+        name = f"g{g:g}-{sampler}{steps}" + ("-auto" if weak else "")
+        ef = score(args.unet, args, os.path.join(args.out, name), g, sampler, steps, weak)
+        source = "(none)" if g == 1 else os.path.basename(weak) if weak else "the model itself"
+        lines.append(f"| {g:g} | {source} | {sampler.upper()} | {steps} | "
+                     f"{ef['ef_pearson_r']:.3f} | {ef['ef_mae']:.2f} |")
         print(lines[-1], flush=True)
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -125,6 +134,9 @@ def main():
     p.add_argument("--samples", type=int, default=32, help="videos per point (default: 32)")
     p.add_argument("--guidance", type=float, default=3.0, help="curve: guidance (default: 3)")
     p.add_argument("--steps", type=int, default=5, help="curve: DDIM steps (default: 5)")
+    p.add_argument("--guide-step", type=int, default=0, help="curve: later checkpoints are "
+                   "autoguided by this one (sample.py --guide_unet; default: 0, none)")
+    p.add_argument("--guide", help="sweep: a weaker checkpoint or model for autoguidance")
     p.add_argument("--seed", type=int, default=0, help="sample.py --seed (default: 0)")
     args = p.parse_args()
     if not (args.run if args.mode == "curve" else args.unet):
