@@ -15,11 +15,12 @@ DEMO ?= demo
 SEED ?= 0
 VIDEOS ?= 48
 VAE_STEPS ?= 600
-LVDM_STEPS ?= 500
+LVDM_STEPS ?= 300
 CURVE_EVERY ?= 100
 SAMPLES ?= 32
 SAMPLE_STEPS ?= 5
 GUIDANCE ?= 3
+# demo-sweep's autoguided rows take the null-EF pass from the LVDM's checkpoint-$(GUIDE_STEP)
 GUIDE_STEP ?= 100
 REF_FPS ?= 16
 SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
@@ -46,8 +47,7 @@ demo:
 	$(PY) sample.py --unet $(DEMO)/models/lvdm --vae $(DEMO)/models/vae \
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
 	    --batch_size $(SAMPLES) --frames 24 --fps 16 --sampler ddim --num_steps $(SAMPLE_STEPS) \
-	    --guidance $(GUIDANCE) --guide_unet $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP) \
-	    --seed $(SEED) --min_lvef 10 --max_lvef 90 --save_as avi,gif,jpg
+	    --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 --max_lvef 90 --save_as avi,gif,jpg
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
 	    --out $(DEMO)/results.jsonl
 	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"
@@ -55,8 +55,7 @@ demo:
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
-	    --out $(DEMO)/curve --guidance $(GUIDANCE) --steps $(SAMPLE_STEPS) \
-	    --guide-step $(GUIDE_STEP)
+	    --out $(DEMO)/curve --guidance $(GUIDANCE) --steps $(SAMPLE_STEPS)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
@@ -64,9 +63,8 @@ demo-sweep:
 	    --guide $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP)
 
 demo-long:
-	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=1200 LVDM_STEPS=1500 CURVE_EVERY=250 \
-	    GUIDE_STEP=250
-	$(MAKE) demo-curve DEMO=demo-long GUIDE_STEP=250
+	$(MAKE) demo DEMO=demo-long VIDEOS=96 VAE_STEPS=1200 LVDM_STEPS=1500 CURVE_EVERY=250
+	$(MAKE) demo-curve DEMO=demo-long
 
 metrics:
 	$(PY) export.py detectors --out $(DEMO)/detectors
