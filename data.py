@@ -17,6 +17,7 @@ import contextlib
 import csv
 import fcntl
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -101,17 +102,12 @@ def read_filelist(root, probe=True):
 def write_filelist(path, rows):
     """Rows (dicts with the same keys) as a FileList.csv the way the original's pandas writes
     it: LF line ends, None as an empty cell, an integral FPS as an integer (50, not 50.0)."""
-    def cell(key, value):
-        if key == "FPS" and value is not None and float(value).is_integer():
-            return int(value)
-        return "" if value is None else value
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(list(rows[0]) if rows else FILELIST_COLUMNS)
-            writer.writerows([[cell(k, v) for k, v in row.items()] for row in rows])
-    write_whole(path, write)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(list(rows[0]) if rows else FILELIST_COLUMNS)
+    writer.writerows([["" if v is None else int(v) if k == "FPS" and float(v).is_integer() else v
+                       for k, v in row.items()] for row in rows])
+    save(path, text.getvalue())
 
 # --- output folders: files written whole, one run at a time, settings recorded -------------------
 
@@ -183,15 +179,20 @@ def check_settings(path, settings, done, flag):
 
 # --- video I/O (PyAV) ----------------------------------------------------------------------------
 
-def probe_video(path):
-    """FrameHeight, FrameWidth, FPS, NumberOfFrames of a video, from its header when it has them."""
+@contextlib.contextmanager
+def _opened(path):
+    """(container, its first video stream) of a video file; FFmpeg's errors -> DataError."""
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            n = stream.frames or sum(1 for _ in container.decode(stream))
-            rate = stream.average_rate or stream.guessed_rate
-    except (av.error.FFmpegError, IndexError) as e:
+            yield container, container.streams.video[0]
+    except (av.error.FFmpegError, IndexError, TypeError) as e:
         raise DataError(f"{path}: unreadable video ({e})") from None
+
+def probe_video(path):
+    """FrameHeight, FrameWidth, FPS, NumberOfFrames of a video, from its header when it has them."""
+    with _opened(path) as (container, stream):
+        n = stream.frames or sum(1 for _ in container.decode(stream))
+        rate = stream.average_rate or stream.guessed_rate
     if not rate:
         raise DataError(f"{path}: no frame rate in the video")
     return {"FrameHeight": stream.height, "FrameWidth": stream.width, "FPS": float(rate),
@@ -201,30 +202,21 @@ def read_video(path, size=None):
     """Decode all frames of a video. Returns (uint8 [F, H, W, 3] RGB, fps); `size` resizes to
     size x size (ffmpeg's scaler, as decord's `width=height=112` in the original)."""
     resize = {"width": size, "height": size} if size else {}
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            frames = [f.to_ndarray(format="rgb24", **resize) for f in container.decode(stream)]
-            expected, fps = stream.frames, float(stream.average_rate or stream.guessed_rate or 0)
-    except (av.error.FFmpegError, IndexError) as e:
-        raise DataError(f"{path}: unreadable video ({e})") from None
+    with _opened(path) as (container, stream):
+        frames = [f.to_ndarray(format="rgb24", **resize) for f in container.decode(stream)]
+        expected, fps = stream.frames, float(stream.average_rate or stream.guessed_rate or 0)
     if not frames or len(frames) < expected:
         raise DataError(f"{path}: truncated video ({len(frames)} of {expected} frames decoded)")
     return np.stack(frames), fps
 
 def _read_frame(path, index, size):
     """Frame `index` of a video as uint8 [size, size, 3], by seeking (fast for MJPEG AVIs)."""
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            target = (stream.start_time or 0) + round(index / (stream.average_rate
-                                                               * stream.time_base))
-            container.seek(target, stream=stream)
-            for frame in container.decode(stream):
-                if frame.pts is not None and frame.pts >= target:
-                    return frame.to_ndarray(format="rgb24", width=size, height=size)
-    except (av.error.FFmpegError, IndexError, TypeError) as e:
-        raise DataError(f"{path}: unreadable video ({e})") from None
+    with _opened(path) as (container, stream):
+        target = (stream.start_time or 0) + round(index / (stream.average_rate * stream.time_base))
+        container.seek(target, stream=stream)
+        for frame in container.decode(stream):
+            if frame.pts is not None and frame.pts >= target:
+                return frame.to_ndarray(format="rgb24", width=size, height=size)
     raise DataError(f"{path}: no frame {index}")
 
 def save_video(path, frames, fps, fmt=None):
@@ -314,24 +306,26 @@ class LatentVideoDataset(torch.utils.data.Dataset):
     whatever the workers or the order. Call `set_epoch` before each epoch's iterator (workers
     copy the dataset when they start, so not with persistent_workers=True)."""
 
-    def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0, latent_shape=(4, 14, 14)):
+    latent_shape = (4, 14, 14)                                 # [C, h, w] of every latent frame
+
+    def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0):
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
         splits = {split} if isinstance(split, str) else set(split)
         self.frames, self.fps, self.seed, self.epoch = frames, fps, seed, 0
-        self.latent_shape = tuple(latent_shape)
         self.items = []                                        # (latent path, fps, EF / 100, name)
         for root in roots:
             if not os.path.isdir(os.path.join(root, "Latents")):
                 raise DataError(f"{root}: no Latents/ folder (python data.py encode --root {root})")
-            rows = [r for r in read_filelist(root, probe=False) if r["Split"] in splits]
-            paths = [os.path.join(root, "Latents", r["FileName"] + ".pt") for r in rows]
-            found = [(row, path) for row, path in zip(rows, paths) if os.path.isfile(path)]
-            for row, path in found:
-                if row["FPS"] is None or row["NumberOfFrames"] is None:
+            missing = 0
+            for row in [r for r in read_filelist(root, probe=False) if r["Split"] in splits]:
+                path = os.path.join(root, "Latents", row["FileName"] + ".pt")
+                if not os.path.isfile(path):
+                    missing += 1
+                elif row["FPS"] is None or row["NumberOfFrames"] is None:
                     raise DataError(f"{root}/FileList.csv: no FPS/NumberOfFrames for {path}")
-                if row["NumberOfFrames"] / row["FPS"] > frames / fps:
+                elif row["NumberOfFrames"] / row["FPS"] > frames / fps:
                     self.items.append((path, row["FPS"], row["EF"] / 100, row["FileName"]))
-            if missing := len(paths) - len(found):
+            if missing:
                 warnings.warn(f"{root}: {missing} {split} videos have no latent and are left out",
                               stacklevel=2)
         if not self.items:
@@ -611,32 +605,28 @@ def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
     if num_videos is None:
         raise DataError(f"--frames {frames}: the original only has 16 and 128; give --num-videos")
     rows = read_filelist(root)
-    # pandas' sample(frac=1, random_state=42) is RandomState(42).choice(n, n, replace=False),
-    # which is RandomState(42).permutation(n).
-    order = np.random.RandomState(42).permutation(len(rows))
-    written = 0
-    for i in tqdm(order, desc="reference"):
-        row = rows[i]
-        if row["NumberOfFrames"] / row["FPS"] < frames / fps or row["Split"] != "TRAIN":
-            continue                            # too short (< frames / 32 s), or not TRAIN
+    # The original's order: pandas' sample(frac=1, random_state=42) is RandomState(42).choice(n,
+    # n, replace=False), which is RandomState(42).permutation(n); its first num_videos TRAIN
+    # videos of at least frames / fps seconds.
+    rows = [rows[i] for i in np.random.RandomState(42).permutation(len(rows))]
+    rows = [r for r in rows if r["Split"] == "TRAIN" and r["NumberOfFrames"] / r["FPS"] >= frames
+            / fps][:num_videos]
+    for row in tqdm(rows, desc="reference"):
         folder = os.path.join(out, row["FileName"])
-        if not (os.path.isdir(folder) and len(os.listdir(folder)) == frames):  # done earlier
-            idx = resample_indices(row["NumberOfFrames"], row["FPS"], fps)[:frames]
-            path = _video_path(root, row["FileName"])
-            video, _ = read_video(path, size=SIZE)
-            if idx[-1] >= len(video):
-                raise DataError(f"{path}: {len(video)} frames, FileList says "
-                                f"{row['NumberOfFrames']}")
-            # Gray: float32 mean over RGB, clamped, cast to uint8 (truncating), as 3 channels.
-            gray = video[idx].astype(np.float32).mean(-1).clip(0, 255).astype(np.uint8)
-            save_video(folder, np.repeat(gray[..., None], 3, axis=-1), fps, "jpg")
-        written += 1
-        if written == num_videos:
-            break
-    if written < num_videos:
-        print(f"WARNING: only {written} TRAIN videos of at least {frames / fps:g} s in {root}, "
+        if os.path.isdir(folder) and len(os.listdir(folder)) == frames:
+            continue                                           # done by an earlier run
+        idx = resample_indices(row["NumberOfFrames"], row["FPS"], fps)[:frames]
+        path = _video_path(root, row["FileName"])
+        video, _ = read_video(path, size=SIZE)
+        if idx[-1] >= len(video):
+            raise DataError(f"{path}: {len(video)} frames, FileList says {row['NumberOfFrames']}")
+        # Gray: float32 mean over RGB, clamped, cast to uint8 (truncating), as 3 channels.
+        gray = video[idx].astype(np.float32).mean(-1).clip(0, 255).astype(np.uint8)
+        save_video(folder, np.repeat(gray[..., None], 3, axis=-1), fps, "jpg")
+    if len(rows) < num_videos:
+        print(f"WARNING: only {len(rows)} TRAIN videos of at least {frames / fps:g} s in {root}, "
               f"fewer than the target {num_videos}")
-    return written
+    return len(rows)
 
 def fingerprint(module):
     """A model's identity wherever its folder lies: sha256 of its config and weights (16 hex)."""

@@ -118,19 +118,6 @@ def load_unet(path):
         raise SampleError(f"--unet {path}: a checkpoint of a {unet.class_name}, not a UNet")
     return unet, path
 
-def load_models(args):
-    """(UNet, its folder, VAE), checked against what the sampler needs: frames 8x the latent
-    size (4 VAE levels, as the original's), a UNet taking noisy + conditioning latents (2C
-    channels) to C, and a window it can halve (num_frames, the original's T)."""
-    unet, path = load_unet(args.unet)
-    vae = model.load_model(args.vae, expect="AutoencoderKL")
-    C, config = vae.config.latent_channels, unet.config
-    if len(vae.config.block_out_channels) != 4 or config.num_frames < 2 or config.num_frames % 2 \
-            or (config.in_channels, config.out_channels) != (2 * C, C):
-        raise SampleError(f"--unet {path} --vae {args.vae}: need a VAE of 4 levels and C latent "
-                          "channels, and a UNet of 2C -> C channels with an even num_frames")
-    return unet, path, vae
-
 def list_conditioning(folder):
     """The conditioning files sorted by name: all .pt files, or all .jpg/.jpeg/.png files; or,
     for an encoded EchoNet-layout root (FileList.csv + Latents/), the latent videos of its TEST
@@ -208,15 +195,23 @@ def trained_residual(path):
 
 def setup(args, device):
     """The run, checked before any work: models on `device`, scheduler, conditioning files, EFs,
-    the video length, and the settings that determine the written files (settings.json)."""
-    unet, unet_path, vae = load_models(args)
+    the video length, and the settings that determine the written files (settings.json). The
+    models must fit the sampler: frames 8x the latent size (4 VAE levels, as the original's), a
+    UNet taking noisy + conditioning latents (2C channels) to C, and a window it can halve
+    (num_frames, the original's T)."""
+    unet, unet_path = load_unet(args.unet)
+    vae = model.load_model(args.vae, expect="AutoencoderKL")
+    C, window = vae.config.latent_channels, unet.config.num_frames  # window 64: windows every 32
+    if len(vae.config.block_out_channels) != 4 or window < 2 or window % 2 or (
+            unet.config.in_channels, unet.config.out_channels) != (2 * C, C):
+        raise SampleError(f"--unet {unet_path} --vae {args.vae}: need a VAE of 4 levels and C "
+                          "latent channels, and a UNet of 2C -> C channels with an even num_frames")
     weak, weak_path = load_unet(args.guide_unet) if args.guide_unet else (None, None)
     same = [(m.config.in_channels, m.config.out_channels, m.config.num_frames, trained_residual(p))
             for m, p in ((unet, unet_path), (weak, weak_path)) if m]
     if len(set(same)) > 1:
         raise SampleError(f"--guide_unet {weak_path}: its channels, num_frames or residual differ "
                           f"from --unet {unet_path}'s (use an earlier checkpoint of the same run)")
-    window = unet.config.num_frames  # 64: the original's T; windows every window // 2 frames
     job = argparse.Namespace(
         unet=unet.to(device).requires_grad_(False),
         weak=weak.to(device).requires_grad_(False) if weak else None,

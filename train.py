@@ -7,7 +7,7 @@ on one process or many (torchrun + DDP), without diffusers or Accelerate.
     python train.py --config configs/vae_phantom.json                  # the demo's VAE
     python train.py --config configs/lvdm.json --lr 2e-4 --dry-run     # print the resolved config
 
-Every key of CONFIG below is a flag (--max-steps, or --max_steps; --help lists them); flags
+Every key of CONFIG below is a flag (max_steps: --max-steps; --help lists them); flags
 override the --config file, which overrides CONFIG (the paper run). The run folder (--out)
 holds config.json, log.jsonl, previews/ and checkpoint-<step>/; the same command again resumes
 from the newest checkpoint. Follows EchoNet-Synthetic's echosyn/lvdm/train.py
@@ -88,42 +88,35 @@ CONFIG = dict(  # key=(default, what it is)
 )
 CHOICES = dict(model=["unet", "vae"], precision=["fp32", "bf16", "fp16"],
                preview_sampler=["ddpm", "ddim"], recon_loss=["l1", "mse"])
-# Every number's range (low, high or None), checked before any work; NaN and inf fail too.
-RANGES = dict(batch_size=(1, None), batch_per_gpu=(1, None), frames=(1, None), fps=(1, None),
-              max_steps=(0, None), lr=(0, None), warmup=(0, None), weight_decay=(0, None),
-              adam_eps=(0, None), grad_clip=(0, None), ema_decay=(0, 1), noise_offset=(0, None),
-              ef_dropout=(0, 1), residual=(0, None), t_shift=(0, None), kl_weight=(0, None),
-              seed=(0, None), workers=(0, None), checkpoint_every=(1, None), keep=(1, None),
-              preview_every=(0, None), preview_steps=(1, 1000), preview_guidance=(0, None),
-              log_every=(1, None))
-
-class ConfigError(Exception):
-    """A bad config file, key or value; the message names it."""
+# Every number's range (low, high or None), checked before any work; NaN and inf fail too. A
+# number not listed here must be >= 0.
+RANGES = {k: (0, None) for k, (v, _) in CONFIG.items() if type(v) in (int, float)} | dict(
+    batch_size=(1, None), batch_per_gpu=(1, None), frames=(1, None), fps=(1, None),
+    checkpoint_every=(1, None), keep=(1, None), log_every=(1, None), ema_decay=(0, 1),
+    ef_dropout=(0, 1), preview_steps=(1, 1000))
 
 class TrainingError(Exception):
-    """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
-
-def flag(arg):
-    """max_steps or --max_steps -> --max-steps (both spellings work); a value is left alone."""
-    name, eq, value = arg.partition("=")
-    return "--" + name.lstrip("-").replace("_", "-") + eq + value
+    """A bad config file, key or value, or a run that cannot go on (a non-finite loss, an
+    unusable checkpoint); the message names it and main() prints it as one line."""
 
 def file_flags(path):
     """A --config file's keys as command-line tokens: {"lr": 2e-4, "tf32": false, "data": [a, b]}
     -> --lr 0.0002 --no-tf32 --data a b, so that argparse checks them as it checks flags."""
     try:
         with open(path) as f:
-            given = [(k, v) for k, v in json.load(f).items() if not k.startswith("_")]  # notes
+            given = {k: v for k, v in json.load(f).items() if not k.startswith("_")}  # _: notes
     except (OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{path}: not a JSON object of config keys ({e})") from None
-    for key in [k for k, _ in given if flag(k)[2:].replace("-", "_") not in CONFIG]:
-        raise ConfigError(f"{path}: unknown config key {key!r} (CONFIG in train.py lists them)")
+        raise TrainingError(f"{path}: not a JSON object of config keys ({e})") from None
     tokens = []
-    for key, value in given:
+    for key, value in given.items():
+        if key not in CONFIG:
+            raise TrainingError(f"{path}: unknown config key {key!r} (CONFIG in train.py lists "
+                                "them)")
+        flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            tokens.append(flag(key) if value else "--no-" + flag(key)[2:])
+            tokens.append(flag if value else "--no-" + flag[2:])
         else:
-            tokens += [flag(key), *map(str, value if isinstance(value, list) else [value])]
+            tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
     return tokens
 
 def resolve_config(argv=None):
@@ -140,9 +133,9 @@ def resolve_config(argv=None):
             kind = dict(nargs=len(value) if key == "betas" else "+", type=type(value[0]))
         else:
             kind = dict(type=type(value), choices=CHOICES.get(key))
-        parser.add_argument(flag(key), default=value, help=f"{text} (default: %(default)s)", **kind)
-    argv = [flag(a) if a.startswith("--") else a
-            for a in map(str, sys.argv[1:] if argv is None else argv)]
+        parser.add_argument("--" + key.replace("_", "-"), default=value,
+                            help=f"{text} (default: %(default)s)", **kind)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     if args.config:
         args = parser.parse_args(file_flags(args.config) + argv)
@@ -153,9 +146,12 @@ def resolve_config(argv=None):
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
 
-def setup_processes(cfg):
-    """(device, rank, world size). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and each
-    process joins the group (NCCL on GPUs, gloo on the CPU); plain python is one process."""
+def setup_device(cfg):
+    """(device, rank, world size, autocast context, grad scaler, precision). torchrun sets RANK,
+    WORLD_SIZE and LOCAL_RANK, and each process joins the group (NCCL on GPUs, gloo on the CPU);
+    plain python is one process. GPUs run fp16 (the original's, with a grad scaler) or bf16
+    autocast, the CPU fp32. Without fp16 the scaler is disabled: scale() and unscale_() do
+    nothing and step() is opt.step(), so the loop has one path for every precision."""
     kind = cfg["device"] if cfg["device"] != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if kind == "cuda" else kind)
@@ -163,22 +159,18 @@ def setup_processes(cfg):
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-def mixed_precision(cfg, device):
-    """(autocast context, grad scaler or None, precision): fp16 (the original's) with a scaler,
-    or bf16, on GPUs only; the CPU runs fp32. TF32 as configured."""
     precision = cfg["precision"] if device.type == "cuda" else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
-    return amp, torch.amp.GradScaler("cuda") if precision == "fp16" else None, precision
+    return (device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            torch.autocast("cuda", dtype=dtype) if dtype else nullcontext(),
+            torch.amp.GradScaler("cuda", enabled=precision == "fp16"), precision)
 
 def split_batch(G, per_gpu, world):
     """(micro-batch, accumulation steps): G = processes x accumulation x micro-batch, the
     micro-batch the largest divisor of G / processes <= per_gpu (128 = 8 x 1 x 16, the paper)."""
     if G % world:
-        raise ConfigError(f"batch_size {G} is not divisible by the {world} processes")
+        raise TrainingError(f"batch_size {G} is not divisible by the {world} processes")
     micro = max(b for b in range(1, min(per_gpu, G // world) + 1) if (G // world) % b == 0)
     return micro, G // world // micro
 
@@ -187,6 +179,11 @@ def make_dataset(cfg, split):
     if cfg["model"] == "vae":
         return torch.utils.data.ConcatDataset([data.FrameDataset(r, split) for r in cfg["data"]])
     return data.LatentVideoDataset(cfg["data"], split, cfg["frames"], cfg["fps"], cfg["seed"])
+
+def spaced(dataset, n, device):
+    """n items spread evenly over a frame dataset (first to last), stacked: [n, 3, H, W]."""
+    picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)
+    return torch.stack([dataset[int(i)] for i in picks]).to(device)
 
 def global_batches(dataset, cfg, rank, world, micro, step, pin_memory):
     """This process's micro-batches of every global batch from `step` on, epoch after epoch.
@@ -201,9 +198,8 @@ def global_batches(dataset, cfg, rank, world, micro, step, pin_memory):
         mine = order[:steps * G].reshape(steps, world, share)[first:, rank].ravel().tolist()
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)  # before the loader hands it to its workers
-        loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=mine,
-                                                  num_workers=cfg["workers"],
-                                                  pin_memory=pin_memory))
+        loader = iter(torch.utils.data.DataLoader(dataset, micro, sampler=mine, pin_memory=
+                                                  pin_memory, num_workers=cfg["workers"]))
         for _ in range(first, steps):
             yield [next(loader) for _ in range(share // micro)]
         step = (epoch + 1) * steps
@@ -214,8 +210,8 @@ def build_model(cfg, device):
     AdamW (fused on CUDA) over the trained parameters."""
     presets = model.UNET_PRESETS if cfg["model"] == "unet" else model.VAE_PRESETS
     if cfg["preset"] not in presets:
-        raise ConfigError(f"preset {cfg['preset']!r} is not a {cfg['model']} preset; use one of "
-                          f"{sorted(presets)} (model.py)")
+        raise TrainingError(f"preset {cfg['preset']!r} is not a {cfg['model']} preset; use one "
+                            f"of {sorted(presets)} (model.py)")
     torch.manual_seed(cfg["seed"])
     if cfg["model"] == "vae":
         net = model.AutoencoderKL(presets[cfg["preset"]])
@@ -270,14 +266,14 @@ def resume(cfg, net, ema, opt, scaler, log):
     if path == "none":
         return 0
     if not os.path.isdir(path):
-        raise ConfigError(f"resume: {path} is not a checkpoint folder")
+        raise TrainingError(f"resume: {path} is not a checkpoint folder")
     state = {k: model.torch_load(os.path.join(path, k + ".pt"))
              for k in ("model", "ema", "optimizer", "scaler", "trainer")}
     try:
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"]["model"])
         opt.load_state_dict(state["optimizer"])
-        if scaler and state["scaler"]:
+        if state["scaler"]:  # {} from a run without fp16
             scaler.load_state_dict(state["scaler"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise TrainingError(f"{path} does not fit this run: {str(e).splitlines()[0]}") from None
@@ -300,22 +296,18 @@ def prepare_run_folder(cfg, step):
         shutil.rmtree(os.path.join(out, name))
     data.save(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
 
-@torch.no_grad()
-def unit_scale(cfg, vae, device):
-    """Latent diffusion's scaling factor (Rombach et al. 2022, sec. 4.3.2; 0.18215 for Stable
-    Diffusion's VAE): 1 / std of the VAE's posterior means of 64 evenly spaced TRAIN frames, so
-    that the LVDM sees latents of unit variance, the scale its noise schedule assumes."""
-    frames = make_dataset(cfg, "TRAIN")
-    picks = np.linspace(0, len(frames) - 1, 64).round().astype(int)
-    return 1 / vae.encode(torch.stack([frames[int(i)] for i in picks]).to(device)).mode().std()
-
 def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
     """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept). Its JSON
     files are model_config.json and training_config.json, not config.json: the folder is no
-    diffusers model folder (export.py makes one). A VAE with unit_latents gets its scale here."""
+    diffusers model folder (export.py makes one). A VAE with unit_latents gets its scale here:
+    latent diffusion's unit_scale (Rombach et al. 2022, sec. 4.3.2; 0.18215 for Stable
+    Diffusion's VAE), 1 / std of the EMA's posterior means of 64 evenly spaced TRAIN frames, so
+    that the LVDM sees latents of unit variance, the scale its noise schedule assumes."""
     if cfg["model"] == "vae" and cfg["unit_latents"]:
-        device = next(ema.parameters()).device
-        ema.config.scaling_factor = net.config.scaling_factor = unit_scale(cfg, ema, device).item()
+        with torch.no_grad():
+            x = spaced(make_dataset(cfg, "TRAIN"), 64, next(ema.parameters()).device)
+            ema.config.scaling_factor = net.config.scaling_factor = (
+                1 / ema.encode(x).mode().std()).item()
     try:
         model.save_checkpoint(cfg["out"], step, {
             "model": net.state_dict(), "optimizer": opt.state_dict(), "trainer": state,
@@ -336,18 +328,6 @@ def latent_pixels(z, vae):
     x = F.interpolate(z.flatten(0, -4)[:, :3].float() / 2, scale_factor=8, mode="nearest")
     return data.to_pixels(x.unflatten(0, z.shape[:-3]))
 
-def save_preview(path, strip, labels, fps):
-    """A preview strip uint8 [F, H, n * w, 3] under a 12 px header naming its n columns, as
-    path.gif (all F frames) and path.png (8 of them, top to bottom)."""
-    head = Image.new("RGB", (strip.shape[2], 12))
-    for i, text in enumerate(labels):
-        ImageDraw.Draw(head).text((i * strip.shape[2] // len(labels) + 2, 0), text, fill="yellow")
-    head = np.asarray(head)
-    data.save_video(path + ".gif", [np.concatenate([head, frame]) for frame in strip], fps)
-    rows = np.linspace(0, len(strip) - 1, min(len(strip), 8)).round().astype(int)
-    png = Image.fromarray(np.concatenate([head, *strip[rows]]))
-    data.write_whole(path + ".png", lambda tmp: png.save(tmp, format="PNG"))
-
 def preview_example(cfg, train_set, device):
     """Rank 0's fixed validation example, so that previews are comparable: (the first VAL clip,
     the VAE decoding it or None) for the LVDM, (8 VAL frames, None) for the VAE; TRAIN if no VAL."""
@@ -357,43 +337,50 @@ def preview_example(cfg, train_set, device):
         print("no usable VAL split: previews use TRAIN data")
         val_set = train_set
     if cfg["model"] == "vae":
-        picks = np.linspace(0, len(val_set) - 1, 8).round().astype(int)
-        return torch.stack([val_set[int(i)] for i in picks]).to(device), None
+        return spaced(val_set, 8, device), None
     vae = model.load_model(cfg["vae"], expect="AutoencoderKL").to(device) if cfg["vae"] else None
     return val_set[0], vae
 
 @torch.no_grad()
 def preview(ema, path, example, vae, cfg, amp, device):
-    """Writes path.gif and path.png of the EMA model on the preview example. VAE: columns real |
-    reconstructed (posterior mode), one frame per row. LVDM: one clip per preview EF sampled from
-    the example's conditioning frame; columns conditioning frame | real clip | each EF."""
+    """Writes path.gif (all frames) and path.png (8 of them, top to bottom) of the EMA model on
+    the preview example, under a 12 px header naming the columns. VAE: real | reconstructed
+    (posterior mode), one frame per row. LVDM: one clip per preview EF sampled from the
+    example's conditioning frame; columns conditioning frame | real clip | each EF."""
     if cfg["model"] == "vae":
         pixels = [data.to_pixels(x) for x in (example, ema.decode(ema.encode(example).mode()))]
-        return save_preview(path, np.concatenate(pixels, axis=2), ["real", "reconstructed"], 1)
-    efs = torch.tensor(cfg["preview_efs"], device=device) / 100
-    n, Fr, cond = len(efs), cfg["frames"], example["cond"].to(device)
-    sampler = diffusion.DDIM() if cfg["preview_sampler"] == "ddim" else diffusion.DDPM()
-    sampler.set_timesteps(cfg["preview_steps"])
-    gens = [data.item_generator(cfg["seed"], i) for i in range(n)]
-    x = diffusion.sample(ema, sampler, cond.expand(n, *cond.shape), efs, gens, Fr, window=Fr,
-                         guidance=cfg["preview_guidance"], amp=amp, residual=cfg["residual"])
-    real = latent_pixels(example["latents"].to(device), vae)  # [F, H, W, 3]
-    real[int(example["n_real"]):] = 0  # zero padding past the clip's end: black
-    first = np.broadcast_to(latent_pixels(cond[None], vae), real.shape)
-    strip = np.concatenate([first, real, *latent_pixels(x, vae)], axis=2)  # [F, H, (2 + n) W, 3]
-    save_preview(path, strip, ["cond", "real"] + [f"EF {e:g}" for e in cfg["preview_efs"]],
-                 cfg["fps"])
+        strip, labels, fps = np.concatenate(pixels, axis=2), ["real", "reconstructed"], 1
+    else:
+        efs = torch.tensor(cfg["preview_efs"], device=device) / 100
+        n, Fr, cond = len(efs), cfg["frames"], example["cond"].to(device)
+        sampler = diffusion.DDIM() if cfg["preview_sampler"] == "ddim" else diffusion.DDPM()
+        sampler.set_timesteps(cfg["preview_steps"])
+        gens = [data.item_generator(cfg["seed"], i) for i in range(n)]
+        x = diffusion.sample(ema, sampler, cond.expand(n, *cond.shape), efs, gens, Fr, window=Fr,
+                             guidance=cfg["preview_guidance"], amp=amp, residual=cfg["residual"])
+        real = latent_pixels(example["latents"].to(device), vae)  # [F, H, W, 3]
+        real[int(example["n_real"]):] = 0  # zero padding past the clip's end: black
+        first = np.broadcast_to(latent_pixels(cond[None], vae), real.shape)
+        strip = np.concatenate([first, real, *latent_pixels(x, vae)], axis=2)  # [F, H, (2+n)W, 3]
+        labels, fps = ["cond", "real"] + [f"EF {e:g}" for e in cfg["preview_efs"]], cfg["fps"]
+    head = Image.new("RGB", (strip.shape[2], 12))
+    for i, text in enumerate(labels):
+        ImageDraw.Draw(head).text((i * strip.shape[2] // len(labels) + 2, 0), text, fill="yellow")
+    head = np.asarray(head)
+    data.save_video(path + ".gif", [np.concatenate([head, frame]) for frame in strip], fps)
+    rows = np.linspace(0, len(strip) - 1, min(len(strip), 8)).round().astype(int)
+    png = Image.fromarray(np.concatenate([head, *strip[rows]]))
+    data.write_whole(path + ".png", lambda tmp: png.save(tmp, format="PNG"))
 
 # --- training ------------------------------------------------------------------------------------
 
 def train(cfg):
     """The whole run, on every process."""
     # Setup: processes, batch arithmetic, precision, data, model, resume, run folder, previews.
-    device, rank, world = setup_processes(cfg)
+    device, rank, world, amp, scaler, precision = setup_device(cfg)
     ddp, master, out, G = dist.is_initialized(), rank == 0, cfg["out"], cfg["batch_size"]
     log = print if master else (lambda *a, **k: None)  # rank 0 speaks for all
     micro, accum = split_batch(G, cfg["batch_per_gpu"], world)
-    amp, scaler, precision = mixed_precision(cfg, device)
     train_set = make_dataset(cfg, "TRAIN")  # every latent's shape is read here, before step 1
     if len(train_set) < G:
         raise data.DataError(f"{len(train_set)} training items in {', '.join(cfg['data'])}: "
@@ -419,8 +406,7 @@ def train(cfg):
     with tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True) as bar:
         while step < cfg["max_steps"]:
             # Load this step's micro-batches and count the global batch's (real) frames.
-            tic = time.time()
-            micro_batches = next(batches)
+            tic, micro_batches = time.time(), next(batches)
             data_s += time.time() - tic
             counts = [frames_in(batch) for batch in micro_batches]
             total = torch.tensor(sum(counts), device=device)
@@ -439,8 +425,7 @@ def train(cfg):
                 with ddp_net.no_sync() if ddp and j < accum - 1 else nullcontext():
                     loss = loss_of(train_net, batch, gens, cfg, amp, device)
                     share = counts[j] / int(total)
-                    weighted = loss * (share * world)
-                    (scaler.scale(weighted) if scaler else weighted).backward()
+                    scaler.scale(loss * (share * world)).backward()
                 loss_sum += loss.detach() * share
 
             # Average the loss over processes; stop on a non-finite one before the optimizer
@@ -457,20 +442,16 @@ def train(cfg):
             # Clip the gradient norm (unscaled first with fp16) and step. Warm-up: update k = 1,
             # 2, ... uses lr * min(1, k / warmup). The original's config asks for 500 warm-up
             # steps, but its scheduler "constant" ignores them: it ran at 1e-4 from update 1.
-            if scaler:
-                scaler.unscale_(opt)
+            scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item()
-            if not np.isfinite(grad_norm) and not scaler:  # the scaler skips such steps itself
+            if not np.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips
                 raise TrainingError(f"gradient norm is {grad_norm} at step {step + 1} (loss "
                                     f"{loss:.4g}): stopped before the optimizer step")
             lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
             for group in opt.param_groups:
                 group["lr"] = lr
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed
+            scaler.update()
             opt.zero_grad(set_to_none=True)
 
             step += 1  # the EMA: diffusers' EMAModel warm-up, capped at ema_decay
@@ -481,15 +462,13 @@ def train(cfg):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if master and (step % cfg["log_every"] == 0 or step == cfg["max_steps"]):
-                seconds = time.time() - t0
+                seconds, (mean_loss, mean_norm) = time.time() - t0, np.mean(since, axis=0).tolist()
                 train_s += seconds
-                mean_loss, mean_norm = np.mean(since, axis=0).tolist()
-                line = {"step": step, "epoch": (step - 1) // epoch_steps, "lr": lr,
-                        "loss": mean_loss, "grad_norm": mean_norm,
-                        "clips_per_s": len(since) * G / seconds, "data_wait": data_s / seconds,
-                        "train_s": train_s}
                 with open(os.path.join(out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(line) + "\n")
+                    print(json.dumps({"step": step, "epoch": (step - 1) // epoch_steps, "lr": lr,
+                                      "loss": mean_loss, "grad_norm": mean_norm, "clips_per_s":
+                                      len(since) * G / seconds, "data_wait": data_s / seconds,
+                                      "train_s": train_s}), file=f)
                 since, data_s, t0 = [], 0.0, time.time()
 
             # Checkpoint (rank 0 writes, the others wait) and preview; neither counts in clips/s.
@@ -511,12 +490,12 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     try:
         cfg, dry_run = resolve_config(argv)
-        if dry_run and rank == 0:
-            print(json.dumps(cfg, indent=2))
-        if not dry_run:
+        if dry_run:
+            print(json.dumps(cfg, indent=2)) if rank == 0 else None
+        else:
             with data.locked(cfg["out"], "--out") if rank == 0 else nullcontext():
                 train(cfg)
-    except (ConfigError, TrainingError, data.DataError, model.ModelLoadError, OSError) as e:
+    except (TrainingError, data.DataError, model.ModelLoadError, OSError) as e:
         # One line, no traceback. A DataLoader worker's error arrives with the worker's traceback
         # in its message: keep its last line, and print it from whichever process met it.
         message = data.os_error(e) if isinstance(e, OSError) else str(e).strip()

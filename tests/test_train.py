@@ -78,14 +78,15 @@ def test_shipped_configs_resolve(capsys):
 
 
 def test_dry_run_merges_defaults_file_and_flags(capsys):
-    """--dry-run prints defaults < config file < flags, in kebab or snake case, and exits."""
-    assert run("--config", TINY, "--lr", "2e-4", "--max_steps", "7", "--preview-efs", "10",
+    """--dry-run prints defaults < config file < flags (one spelling: --max-steps), and exits."""
+    assert run("--config", TINY, "--lr", "2e-4", "--max-steps", "7", "--preview-efs", "10",
                "20", "--no-tf32", "--dry-run") == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["lr"] == 2e-4 and cfg["max_steps"] == 7 and cfg["preview_efs"] == [10, 20]
     assert cfg["preset"] == "tiny" and cfg["frames"] == 8  # from the file
     assert cfg["weight_decay"] == 1e-2 and cfg["tf32"] is False  # default, flag
     assert "config" not in cfg and "dry_run" not in cfg
+    assert run("--config", TINY, "--max_steps", "7", "--dry-run") == 2  # no second spelling
 
 
 @pytest.mark.parametrize("content, named, code", [
