@@ -93,15 +93,13 @@ class DDPM(_Scheduler):
 
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
         """x_t [B, ...] -> x_prev (and the clipped x0 with return_x0) from the UNet's v at t, an
-        entry of `.timesteps` (prev_t the next, -1 after the last); noise drawn only if t > 0."""
+        entry of `.timesteps` (prev_t the next, -1 after the last: before set_timesteps, all N
+        steps, so prev_t = t - 1); noise drawn only if t > 0."""
         t = int(t)
-        if self.num_inference_steps is None:
-            prev_t = t - 1
-        elif t not in self.timesteps.tolist():
+        if t not in self.timesteps.tolist():
             raise ValueError(f"t={t} is not one of the timesteps set by set_timesteps")
-        else:
-            later = self.timesteps[self.timesteps < t]  # .timesteps descend
-            prev_t = int(later[0]) if len(later) else -1
+        later = self.timesteps[self.timesteps < t]  # .timesteps descend
+        prev_t = int(later[0]) if len(later) else -1
         a_t = self.alphas_cumprod[t]
         a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         b_t, b_p = 1 - a_t, 1 - a_p
@@ -113,8 +111,8 @@ class DDPM(_Scheduler):
         x_prev = (a_p**0.5 * beta) / b_t * x0 + alpha**0.5 * b_p / b_t * x_t
         if t > 0:
             # sigma^2 = beta~ = (1 - a_p) / (1 - a_t) beta (Eq. 7), or beta for fixed_large
-            small = self.config["variance_type"] == "fixed_small"
-            var = torch.clamp(b_p / b_t * beta, min=1e-20) if small else beta
+            var = beta if self.config["variance_type"] == "fixed_large" else torch.clamp(
+                b_p / b_t * beta, min=1e-20)
             z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
             x_prev = x_prev + var**0.5 * z
         return (x_prev, x0) if return_x0 else x_prev

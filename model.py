@@ -304,21 +304,18 @@ class UNetSpatioTemporal(nn.Module):
         downs, ups, ch, layers, heads, context, tlayers = (per_block(v, n) for v in (
             c.down_block_types, c.up_block_types, c.block_out_channels, c.layers_per_block,
             c.num_attention_heads, c.cross_attention_dim, c.transformer_layers_per_block))
-        for name in (*downs, *ups):
-            if name not in kinds:
-                raise ValueError(f"unsupported block type {name!r}; this UNet has {sorted(kinds)}")
+        if unknown := [name for name in downs + ups if name not in kinds]:
+            raise ValueError(f"unsupported block type {unknown[0]!r}; supported: {sorted(kinds)}")
         D = 4 * ch[0]  # time embedding width
 
-        def block(level, cins, cout, eps, attention, n_attention=None):
-            """One resolution's block, a container with diffusers' names: a SpatioTemporalResBlock
-            per input width in cins, each followed by a TransformerSpatioTemporal if attention."""
+        def block(j, cins, eps, attention, n_attention=None):
+            """Level j's block, a container with diffusers' names: a SpatioTemporalResBlock (to
+            ch[j]) per input width in cins, each followed by a TransformerSpatioTemporal if
+            attention, whose transformer layers per module are one int or a list."""
             b = nn.Module()
-            b.attentions = None
-            if attention:  # transformer layers per attention module: one int or a list
-                b.attentions = nn.ModuleList([TransformerSpatioTemporal(
-                    ch[level], heads[level], d, context[level])
-                    for d in per_block(tlayers[level], n_attention or len(cins))])
-            b.resnets = nn.ModuleList([SpatioTemporalResBlock(cin, cout, D, eps) for cin in cins])
+            b.attentions = nn.ModuleList([TransformerSpatioTemporal(ch[j], heads[j], d, context[j])
+                for d in per_block(tlayers[j], n_attention or len(cins))]) if attention else None
+            b.resnets = nn.ModuleList([SpatioTemporalResBlock(cin, ch[j], D, eps) for cin in cins])
             return b
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
@@ -330,18 +327,18 @@ class UNetSpatioTemporal(nn.Module):
             # diffusers' GroupNorm eps quirk, reproduced: 1e-6 in the blocks with attention, 1e-5
             # in those without (the UNet's resnet_eps argument is ignored by both)
             cins = [ch[max(i - 1, 0)]] + [ch[i]] * (layers[i] - 1)
-            b = block(i, cins, ch[i], 1e-6 if kinds[kind] else 1e-5, kinds[kind])
+            b = block(i, cins, 1e-6 if kinds[kind] else 1e-5, kinds[kind])
             b.downsamplers = nn.ModuleList([Resample2D(ch[i])]) if i < n - 1 else None
             self.down_blocks.append(b)
         # The middle: ResNet, attention, ResNet at the lowest resolution (eps 1e-5)
-        self.mid_block = block(n - 1, [ch[-1]] * 2, ch[-1], 1e-5, True, n_attention=1)
+        self.mid_block = block(n - 1, [ch[-1]] * 2, 1e-5, True, n_attention=1)
         for i, kind in enumerate(ups):
             j, m = n - 1 - i, layers[n - 1 - i] + 1  # the level, lowest first; one ResNet more
             # ResNet k takes the running features (the level below's, then its own) plus a skip
             # (its own width, the last one the level above's); eps 1e-6
             cins = [(ch[min(j + 1, n - 1)] if k == 0 else ch[j]) + (ch[max(j - 1, 0)]
                     if k == m - 1 else ch[j]) for k in range(m)]
-            b = block(j, cins, ch[j], 1e-6, kinds[kind])
+            b = block(j, cins, 1e-6, kinds[kind])
             b.upsamplers = nn.ModuleList([Resample2D(ch[j], up=True)]) if j > 0 else None
             self.up_blocks.append(b)
         self.conv_norm_out = nn.GroupNorm(32, ch[0], eps=1e-5)
@@ -550,9 +547,12 @@ class ModelLoadError(Exception):
     """A model folder or checkpoint that cannot be loaded: the message names the file and why."""
 
 def torch_load(path: str, **kw):
-    """torch.load(path, weights_only=True) on the CPU: tensors, numbers, strings and containers
-    of them, never arbitrary objects (pickles run code). ModelLoadError names a bad file."""
+    """The tensors of a .safetensors file, or torch.load(path, weights_only=True) on the CPU:
+    tensors, numbers, strings and containers of them, never arbitrary objects (pickles run
+    code). ModelLoadError names a bad file."""
     try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except Exception as e:  # a missing file, a foreign pickle, a truncated zip, random bytes
         why = str(e).splitlines()[0] if "Weights only" not in str(e) else "not plain tensors"
@@ -566,15 +566,15 @@ def config_to_dict(model: nn.Module) -> dict:
 
 def save_pretrained(model: nn.Module, path: str):
     """Write path/config.json + path/diffusion_pytorch_model.safetensors (diffusers loads it)."""
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    config = json.dumps(config_to_dict(model), indent=2, sort_keys=True) + "\n"
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, ".tmp")  # each file is written whole, then renamed into place
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with open(tmp, "wb") as f:  # open() gives the umask's permissions (save_file's are 0600)
-        f.write(save(tensors, metadata={"format": "pt"}))
-    os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-    with open(tmp, "w") as f:
-        f.write(json.dumps(config_to_dict(model), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, os.path.join(path, "config.json"))
+    for name, content in [(WEIGHTS_NAME, save(tensors, metadata={"format": "pt"})),
+                          ("config.json", config.encode())]:
+        with open(tmp, "wb") as f:  # open() gives the umask's permissions (save_file's are 0600)
+            f.write(content)
+        os.replace(tmp, os.path.join(path, name))
 
 # As in diffusers, each model class has it as a method: unet.save_pretrained(path).
 UNetSpatioTemporal.save_pretrained = AutoencoderKL.save_pretrained = save_pretrained
@@ -604,19 +604,18 @@ def build(config_file: str, expect: str | None = None) -> nn.Module:
 def load_weights(model: nn.Module, state, source: str, config_file: str) -> nn.Module:
     """model with the state dict `state` loaded strictly, in eval mode; ModelLoadError names the
     weights file and the missing, unexpected and misshapen keys (the first eight of each)."""
-    state = state if isinstance(state, dict) else {}
-    expected = model.state_dict()
+    state, expected = state if isinstance(state, dict) else {}, model.state_dict()
     wrong = [f"{k} {list(v.shape) if torch.is_tensor(v) else type(v).__name__} "
              f"(model: {list(expected[k].shape)})" for k, v in state.items()
              if k in expected and not (torch.is_tensor(v) and v.shape == expected[k].shape)]
-    problems = [(what, sorted(keys)) for what, keys in [
-        ("missing keys", expected.keys() - state.keys()),
-        ("unexpected keys", state.keys() - expected.keys()), ("wrong shapes", wrong)] if keys]
-    if problems:
+    problems = {"missing keys": expected.keys() - state.keys(),
+                "unexpected keys": state.keys() - expected.keys(), "wrong shapes": wrong}
+    report = "; ".join(f"{what}: {', '.join(sorted(keys)[:8])}" + (
+        f" ... and {len(keys) - 8} more" if len(keys) > 8 else "")
+        for what, keys in problems.items() if keys)
+    if report:
         raise ModelLoadError(f"{source} does not match the {model.class_name} of {config_file}: "
-                             + "; ".join(f"{what}: {', '.join(keys[:8])}" + (
-                                 f" ... and {len(keys) - 8} more" if keys[8:] else "")
-                                 for what, keys in problems))
+                             + report)
     model.load_state_dict(state)
     return model.eval()
 
@@ -628,26 +627,20 @@ def load_model(path: str, expect: str | None = None) -> nn.Module:
         raise ModelLoadError(f"{path}: " + ("no config.json in the model folder"
                                             if os.path.isdir(path) else "model folder not found"))
     model = build(config_file, expect)
-    single, binary = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
-    if os.path.isfile(single):
-        try:
-            state, source = load_file(single), single
-        except Exception as e:  # SafetensorError: random bytes, a truncated file
-            raise ModelLoadError(f"{single}: unreadable ({e})") from None
-    elif os.path.isfile(binary):  # never unpickle arbitrary objects
-        state, source = torch_load(binary), binary
-    else:
+    found = [os.path.join(path, f) for f in (WEIGHTS_NAME, WEIGHTS_NAME_BIN)
+             if os.path.isfile(os.path.join(path, f))]
+    if not found:
         raise ModelLoadError(
             f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
     # Before diffusers 0.14 the VAE's mid-block attention named its layers query, key, value and
     # proj_attn (mid_block.attentions.0.query.weight); diffusers renames them on load, as we do.
-    renamed = {}
+    renamed, state = {}, torch_load(found[0])
     for key, value in (state.items() if isinstance(state, dict) else []):
         parts = key.split(".")
         if "mid_block" in parts[:-2] and parts[-2] in LEGACY_ATTENTION:
             parts[-2] = LEGACY_ATTENTION[parts[-2]]
         renamed[".".join(parts)] = value
-    return load_weights(model, renamed, source, config_file)
+    return load_weights(model, renamed, found[0], config_file)
 
 def remove_folder(path: str):
     """Deletes a folder renamed .tmp-removed-<name> first: a crash never leaves a half-deleted
@@ -696,11 +689,9 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
     missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise ModelLoadError(f"{path}: an incomplete checkpoint (no {', '.join(missing)})")
-    file = os.path.join(path, f"{weights}.pt")
-    state = torch_load(file)
-    config_file = os.path.join(path, "model_config.json")
-    if isinstance(state, dict) and "model" in state:  # ema.pt: {"step", "max_decay", "model"}
-        state = state["model"]
+    file, config_file = (os.path.join(path, f) for f in (f"{weights}.pt", "model_config.json"))
+    state = torch_load(file)  # ema.pt: {"step", "max_decay", "model"}; model.pt: the state dict
+    state = state["model"] if isinstance(state, dict) and "model" in state else state
     return load_weights(build(config_file), state, file, config_file), path
 
 def count_parameters(model: nn.Module) -> int:
