@@ -437,21 +437,18 @@ def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress
             x = x.repeat_interleave(3, dim=1)
         yield net(x.to(device, non_blocking=True), **kwargs).float()
 
-def cache_path(cache_dir, desc, dataset, key):
-    """<cache_dir>/<metric>-<hash>.npz, the hash of `key` and of every file the items read
-    (relative name, size, mtime): contents, not the folder's path [metrics.md 8: by path]."""
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-    for rel in (f for item in dataset.files for f in ([item] if isinstance(item, str) else item)):
-        st = os.stat(os.path.join(dataset.root, rel))
-        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return os.path.join(cache_dir, f"{desc.split()[0]}-{h.hexdigest()[:24]}.npz")
-
 def set_stats(dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loader):
     """mean_cov() of float64 sums of `net`'s outputs, all-reduced (exact on any GPU count);
-    with `cache_dir` (real sets) read from or written to cache_path(); rank 0 decides hit or
-    miss, as StyleGAN-V."""
-    path = cache_dir and cache_path(cache_dir, desc, dataset, key)
-    if path:
+    with `cache_dir` (real sets) kept as .npz named by a hash of `key` and of every file the
+    items read (relative name, size, mtime) [metrics.md 8: there by path]; rank 0 decides."""
+    path = None
+    if cache_dir:
+        h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+        for rel in (f for item in dataset.files for f in ([item] if isinstance(item, str)
+                                                          else item)):
+            st = os.stat(os.path.join(dataset.root, rel))
+            h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        path = os.path.join(cache_dir, f"{desc.split()[0]}-{h.hexdigest()[:24]}.npz")
         hit = torch.tensor(float(os.path.isfile(path)), device=next(net.parameters()).device)
         if dist.is_initialized():
             dist.broadcast(hit, 0)
@@ -473,21 +470,21 @@ def set_stats(dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loa
     return mu, sigma
 
 # --- metrics [metrics.md 4] ------------------------------------------------------------------
-def note_short(what, have, want, why=""):
+def note_short(what, have, want):
     """Say on stderr when a set is smaller than its metric's count (StyleGAN-V is silent)."""
     if have < want and rank_world()[0] == 0:
-        print(f"note: {what}: {have} items, fewer than {want}{why}", file=sys.stderr)
+        print(f"note: {what}: {have} items, fewer than {want}", file=sys.stderr)
 
-def first_images(root, max_items, resolution, desc, why=""):
+def first_images(root, max_items, resolution, what):
     """FrameDataset of the first `max_items` images of `root` (None: all), noted if fewer."""
     files = list_images(root)
-    note_short(f"{desc} ({root})", len(files), max_items or 0, why)
+    note_short(what, len(files), max_items or 0)
     return FrameDataset(root, files[:max_items], resolution)
 
 def image_stats(root, max_items, net, batch_size, desc, resolution=112, **kw):
     """Inception (mu, sigma) of the first `max_items` images of `root` (None: all)."""
     key = dict(res=resolution, call="return_features", weights=net.weights_sha256)
-    return set_stats(first_images(root, max_items, resolution, desc), net,
+    return set_stats(first_images(root, max_items, resolution, f"{desc} ({root})"), net,
                      dict(return_features=True), batch_size, desc, key, **kw)
 
 def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
@@ -501,20 +498,6 @@ def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
     key = dict(n=n, res=resolution, call=sorted(kwargs), resize=net.resize_mode,
                weights=net.weights_sha256)
     return set_stats(dataset, net, kwargs, max(1, 128 // n), desc, key, **kw)
-
-def inception_probs(root, max_items, net, resolution=112, **loader):
-    """IS softmaxes (no output bias) of the first `max_items` images, in item order: under
-    torchrun gathered, item i G + r from process r."""
-    dataset = first_images(root, max_items, resolution, "is fake frames", "; splits keep the "
-                           "nominal bounds as in StyleGAN-V, so the last are short or empty (NaN)")
-    probs = torch.cat(list(detector_outputs(dataset, net, dict(no_output_bias=True), 64,
-                                            "is fake", **loader)))
-    if (G := rank_world()[1]) > 1:
-        probs = F.pad(probs, (0, 0, 0, -(-len(dataset) // G) - len(probs)))
-        parts = [torch.empty_like(probs) for _ in range(G)]
-        dist.all_gather(parts, probs)
-        probs = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]
-    return probs.cpu().numpy()
 
 def ef_strip(path, rows, thumbs, real=None, n=6):
     """n generated videos over the EFs, 8 frames each, by the real one of nearest EF."""
@@ -567,9 +550,8 @@ def ef_metric(fake, real=None, progress=False):
     if not rows:
         raise EvalError(f"ef: no videos in {fake}")
     if rank_world()[0] == 0:
-        with open(os.path.join(folder, "ef_measured.csv"), "w") as f:
-            f.write("FileName,RequestedEF,MeasuredEF\n")
-            f.writelines(f"{n},{r:.2f},{m:.2f}\n" for n, r, m in rows)
+        data.save(os.path.join(folder, "ef_measured.csv"), "FileName,RequestedEF,MeasuredEF\n"
+                  + "".join(f"{n},{r:.2f},{m:.2f}\n" for n, r, m in rows))
         ef_strip(os.path.join(folder, "ef_strip.png"), [r for r in rows if r[0] in thumbs],
                  thumbs, real)
     scores = data.ef_adherence([r[1] for r in rows], [r[2] for r in rows])
@@ -603,8 +585,19 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
                            cache_dir=cache_dir)
         result = {name: frechet_distance(*fake, *real)}
     elif kind == "is":                      # softmax without output bias, 10 splits
-        probs = inception_probs(fake, count, detector("inception"), **kw)
-        result = dict(zip((name + "_mean", name + "_std"), inception_score(probs, count, 10)))
+        dataset = first_images(fake, count, resolution, f"is fake frames ({fake}); splits "
+                               "keep the nominal bounds as in StyleGAN-V, so the last are "
+                               "short or empty (NaN)")
+        probs = torch.cat(list(detector_outputs(dataset, detector("inception"),
+                                                dict(no_output_bias=True), 64, "is fake",
+                                                **loader)))
+        if (G := rank_world()[1]) > 1:      # gather in order: item i G + r from process r
+            probs = F.pad(probs, (0, 0, 0, -(-len(dataset) // G) - len(probs)))
+            parts = [torch.empty_like(probs) for _ in range(G)]
+            dist.all_gather(parts, probs)
+            probs = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]
+        result = dict(zip((name + "_mean", name + "_std"),
+                          inception_score(probs.cpu().numpy(), count, 10)))
     else:
         result = ef_metric(fake, real, loader.get("progress", False))
     return [result] * len(seeds)
@@ -677,7 +670,7 @@ def main(argv=None):
     """Command line entry point; bad input ends in one line naming the file or flag."""
     try:
         return run(parser.parse_args(argv))
-    except EvalError as err:
+    except (EvalError, data.DataError) as err:            # data: a full disk, a read-only folder
         # Raised in a DataLoader worker, the message arrives with the worker's traceback in
         # front of it: keep the last line, which is ours.
         msg = re.sub(r"^[\w.]*Error: ", "", str(err).strip().splitlines()[-1])
