@@ -444,8 +444,7 @@ def set_stats(dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loa
     path = None
     if cache_dir:
         h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-        for rel in (f for item in dataset.files for f in ([item] if isinstance(item, str)
-                                                          else item)):
+        for rel in np.ravel(dataset.files):                   # every frame of every item
             st = os.stat(os.path.join(dataset.root, rel))
             h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         path = os.path.join(cache_dir, f"{desc.split()[0]}-{h.hexdigest()[:24]}.npz")
