@@ -50,8 +50,6 @@ parser.add_argument("--resolution", type=int, default=112, help="every frame's s
 parser.add_argument("--seed", type=int, default=0, help="real FVD clip offsets (StyleGAN-V: none)")
 parser.add_argument("--runs", type=int, default=1, help="spread over K real-offset draws, seeds "
                     "seed..seed+K-1 (StyleGAN-V's --num_runs repeats one cached draw)")
-parser.add_argument("--filelist", help="ef: FileList.csv of the requested EFs (default: in "
-                    "--fake or its parent, as sample.py writes it)")
 parser.add_argument("--detectors", default="models/detectors", help="`export.py detectors --out`")
 parser.add_argument("--out", default="metrics.jsonl", help="append one JSON line per metric")
 parser.add_argument("--cache-dir", default=os.path.join(os.environ.get(
@@ -79,8 +77,7 @@ def tf1_resize(x, out_h: int, out_w: int):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 class ConvBN(nn.Module):
-    """y = relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta) [A.4, B.5], 2D (Unit3D: 3D)."""
-
+    """y = relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta) [A.4, B.5]; Unit3D: 3D."""
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
         super().__init__()
         self.kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
@@ -96,14 +93,7 @@ class ConvBN(nn.Module):
                                    self.beta.to(x.dtype), False, 0.0, 1e-3))
 
     def forward(self, x):
-        if len(self.kernel) == 3:
-            return self.forward_3d(x)
         return self.norm(F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding))
-
-    @torch.jit.unused  # the Inception stays scriptable (the tests script it as NVIDIA's file)
-    def forward_3d(self, x):                               # I3D: 3D, TF SAME padding [B.6]
-        x, pad = tf_same_pad(x, self.kernel, self.stride)
-        return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
 
 def tower(**units):
     """A branch of units applied in order; its children keep the TorchScript's names."""
@@ -112,7 +102,6 @@ def tower(**units):
 class Branches(nn.ModuleDict):
     """Inception blocks A-D [A.6], I3D's Mixed: branches joined on channels in registration
     order (the TorchScripts' cat order); avg pools are TF SAME: padding not in the mean."""
-
     def forward(self, x):
         return torch.cat([branch(x) for branch in self.values()], 1)
 
@@ -151,7 +140,6 @@ def inception_d(cin: int, U=ConvBN):
 
 class InceptionE(nn.Module):
     """8x8 block with split 1x3 / 3x1 towers -> 2048; average pool in mixed_9, max in mixed_10."""
-
     def __init__(self, cin: int, use_avg_pool: bool, U=ConvBN):
         super().__init__()
         self.conv, self.tower_conv = U(cin, 320, 1), U(cin, 384, 1)
@@ -173,7 +161,6 @@ class InceptionE(nn.Module):
 class InceptionV3(nn.Module):
     """`inception-2015-12-05`, NVIDIA's TorchScript's names and call [A.2]: 0..255 [N, 3, H, W]
     -> pool_3 [N, 2048] (FID) or softmax over 1008 (IS: no_output_bias); `output` None: FID only."""
-
     def __init__(self, U=ConvBN):
         super().__init__()
         self.layers = nn.Sequential(OrderedDict(                                 # [A.5]
@@ -208,13 +195,17 @@ def tf_same_pad(x, kernel, stride, value: float = 0.0):
     flat = [q for p in reversed(pads) for q in (p // 2, p - p // 2)]    # F.pad wants W first
     return F.pad(x, flat, value=value), 0
 
-def Unit3D(cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1)):
-    """The I3D's unit [B.4, B.5]: a ConvBN with a 3D kernel (TF SAME padding)."""
-    return ConvBN(cin, cout, kernel, stride)
+class Unit3D(ConvBN):
+    """The I3D's unit [B.4, B.5]: a ConvBN with a 3D kernel and TF SAME padding [B.6]."""
+    def __init__(self, cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1)):
+        super().__init__(cin, cout, kernel, stride)
+
+    def forward(self, x):
+        x, pad = tf_same_pad(x, self.kernel, self.stride)
+        return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
 
 class MaxPool3dSame(nn.MaxPool3d):
     """Max pool with TF SAME padding (padded cells never win, as in TF)."""
-
     def forward(self, x):
         x, pad = tf_same_pad(x, self.kernel_size, self.stride, -math.inf)
         return F.max_pool3d(x, self.kernel_size, self.stride, pad)
@@ -236,7 +227,6 @@ class I3D(nn.Module):
     """tf.hub i3d-kinetics-400 with `i3d_torchscript.pt`'s call [B.2, B.4], hassony2's module
     names. x [B, 3, T >= 9, H, W]; rescale 0..255 -> -1..1, resize to 224x224; returns the 400
     logits averaged over time (return_features, FVD; 1 step at T = 16 [B.3]) or softmax."""
-
     def __init__(self, resize_mode="bilinear"):
         super().__init__()
         self.resize_mode = resize_mode
@@ -361,7 +351,6 @@ def read_image(path, shape=None):
 
 class FrameDataset(torch.utils.data.Dataset):
     """FID/IS items: the images `files` under `root`, uint8 [C, H, W] of the first's shape."""
-
     def __init__(self, root, files, resolution=112):
         self.root, self.files = root, files
         first = os.path.join(root, files[0] if isinstance(files[0], str) else files[0][0])
@@ -380,26 +369,24 @@ class FrameDataset(torch.utils.data.Dataset):
 
 class ClipDataset(FrameDataset):
     """FVD items: item i is the uint8 clip [n, C, H, W] of the n frames `files[i]`."""
-
     def __getitem__(self, i):
         return torch.stack([torch.from_numpy(read_image(os.path.join(self.root, f), self.shape))
                             for f in self.files[i]])
 
-def select_clips(videos, n, step, max_items, random_offset, seed):
-    """FVD clips [(video, first, step, n)] [metrics.md 3]. Real: short videos dropped, then
-    the first `max_items`, offsets uniform in 0 .. N - n step + step - 1 (seeded here). Fake:
-    the first `max_items` from frame 0, a short one an error."""
-    need = n * step
-    videos = [v for v in videos if len(v[1]) >= need or not random_offset][:max_items]
+def select_clips(videos, n, max_items, random_offset, seed):
+    """FVD clips [(video, first frame)] [metrics.md 3]. Real: short videos dropped, then the
+    first `max_items`, first frames uniform in 0 .. N - n (seeded here). Fake: the first
+    `max_items` from frame 0, a short one an error."""
+    videos = [v for v in videos if len(v[1]) >= n or not random_offset][:max_items]
     if not videos:
-        raise EvalError(f"no video has the {need} frames a clip needs")
+        raise EvalError(f"no video has the {n} frames a clip needs")
     for name, frames in videos:
-        if len(frames) < need:
+        if len(frames) < n:
             raise EvalError(f"fake video {name!r} has {len(frames)} frames, fewer than the "
-                            f"{need} a clip needs (StyleGAN-V crashes here)")
-    highs = np.array([len(frames) - need + step for _, frames in videos])
+                            f"{n} a clip needs (StyleGAN-V crashes here)")
+    highs = np.array([len(frames) - n + 1 for _, frames in videos])
     firsts = np.random.default_rng(seed).integers(0, highs) if random_offset else 0 * highs
-    return [(name, int(o), step, n) for (name, _), o in zip(videos, firsts)]
+    return [(name, int(o)) for (name, _), o in zip(videos, firsts)]
 
 # --- statistics [metrics.md 6, 7] ------------------------------------------------------------
 def mean_cov(s1, s2, n):
@@ -429,40 +416,36 @@ def inception_score(probs, num_gen=50000, num_splits=10):
             scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
     return float(np.mean(scores)), float(np.std(scores))
 
-# --- running the detectors -------------------------------------------------------------------
+# --- running the detectors [metrics.md 4, 5, 8] ----------------------------------------------
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 @torch.inference_mode()
 def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress=False):
-    """Yield float32 net(batch) for items r, r + G, ...; clips as contiguous [b, C, n, H, W],
-    one channel repeated to three [metrics.md 3, 4]."""
+    """Yield float32 net(batch) for items r, r + G, ... of process r of G; clips as contiguous
+    [b, C, n, H, W], one channel repeated to three [metrics.md 3, 4]."""
     rank, world = rank_world()
     if len(dataset) < world:
         raise EvalError(f"{desc}: {len(dataset)} items for {world} processes")
     device, items = next(net.parameters()).device, range(rank, len(dataset), world)
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=items, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(dataset), desc=desc, unit="item", leave=False,
-               disable=not progress or rank != 0)
-    for x in loader:
+    for x in tqdm(loader, desc, unit="batch", leave=False, disable=not progress or rank != 0):
         if x.ndim == 5:
             x = x.permute(0, 2, 1, 3, 4).contiguous()
         if x.shape[1] == 1:
             x = x.repeat_interleave(3, dim=1)
         yield net(x.to(device, non_blocking=True), **kwargs).float()
-        bar.update(len(x) * world)
-    bar.close()
 
-def set_stats(root, rels, dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loader):
+def set_stats(dataset, net, kwargs, batch_size, desc, key, cache_dir=None, **loader):
     """mean_cov() of float64 sums of `net`'s outputs, all-reduced (exact on any GPU count);
-    with `cache_dir` (real sets) kept as .npz named by a hash of `key` and the files' names,
-    sizes and mtimes [metrics.md 8: there by path]; rank 0 decides hit or miss."""
+    with `cache_dir` (real sets) kept as .npz named by a hash of `key` and of every file the
+    items read (relative name, size, mtime) [metrics.md 8: there by path]; rank 0 decides."""
     path = None
     if cache_dir:
         h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-        for rel in rels:
-            st = os.stat(os.path.join(root, rel))
+        for rel in np.ravel(dataset.files):                   # every frame of every item
+            st = os.stat(os.path.join(dataset.root, rel))
             h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         path = os.path.join(cache_dir, f"{desc.split()[0]}-{h.hexdigest()[:24]}.npz")
         hit = torch.tensor(float(os.path.isfile(path)), device=next(net.parameters()).device)
@@ -491,30 +474,29 @@ def note_short(what, have, want):
     if have < want and rank_world()[0] == 0:
         print(f"note: {what}: {have} items, fewer than {want}", file=sys.stderr)
 
+def first_images(root, max_items, resolution, what):
+    """FrameDataset of the first `max_items` images of `root` (None: all), noted if fewer."""
+    files = list_images(root)
+    note_short(what, len(files), max_items or 0)
+    return FrameDataset(root, files[:max_items], resolution)
+
 def image_stats(root, max_items, net, batch_size, desc, resolution=112, **kw):
     """Inception (mu, sigma) of the first `max_items` images of `root` (None: all)."""
-    files = list_images(root)
-    note_short(f"{desc} ({root})", len(files), max_items or 0)
-    files = files[:max_items]
-    dataset = FrameDataset(root, files, resolution)
     key = dict(res=resolution, call="return_features", weights=net.weights_sha256)
-    return set_stats(root, files, dataset, net, dict(return_features=True), batch_size, desc,
-                     key, **kw)
+    return set_stats(first_images(root, max_items, resolution, f"{desc} ({root})"), net,
+                     dict(return_features=True), batch_size, desc, key, **kw)
 
 def clip_stats(root, n, max_items, net, real, seed=0, resolution=112, **kw):
     """I3D (mu, sigma) of `max_items` n-frame clips in batches of 128 // n (real: from seed)."""
-    videos = list_videos(root)
-    clips = select_clips(videos, n, 1, max_items, random_offset=real, seed=seed)
-    desc = f"fvd{n} {'real' if real else 'fake'}"
+    frames, desc = dict(list_videos(root)), f"fvd{n} {'real' if real else 'fake'}"
+    clips = select_clips(list(frames.items()), n, max_items, real, seed)
     note_short(f"{desc} clips ({root})", len(clips), max_items)
-    frames = dict(videos)
-    rels = [os.path.join(v, f) for v, *_ in clips for f in frames[v]]   # fingerprinted
-    dataset = ClipDataset(root, [[os.path.join(v, f) for f in frames[v][o: o + n * s: s]]
-                                 for v, o, s, _ in clips], resolution)
+    dataset = ClipDataset(root, [[os.path.join(v, f) for f in frames[v][o: o + n]]
+                                 for v, o in clips], resolution)
     kwargs = dict(rescale=True, resize=True, return_features=True)
-    key = dict(clips=[c[1:] for c in clips], res=resolution, call=sorted(kwargs),
-               resize=net.resize_mode, weights=net.weights_sha256)
-    return set_stats(root, rels, dataset, net, kwargs, max(1, 128 // n), desc, key, **kw)
+    key = dict(n=n, res=resolution, call=sorted(kwargs), resize=net.resize_mode,
+               weights=net.weights_sha256)
+    return set_stats(dataset, net, kwargs, max(1, 128 // n), desc, key, **kw)
 
 def ef_strip(path, rows, thumbs, real=None, n=6):
     """n generated videos over the EFs, 8 frames each, by the real one of nearest EF."""
@@ -538,16 +520,16 @@ def ef_strip(path, rows, thumbs, real=None, n=6):
         lines.append(np.concatenate([np.asarray(head), strip[..., :3]], axis=1))
     PIL.Image.fromarray(np.concatenate(lines, axis=0)).save(path)
 
-def ef_metric(fake, real=None, filelist=None, progress=False):
-    """ef: EF measured from the LV cavity (phantoms) vs asked: Pearson r, MAE in EF points;
-    writes ef_measured.csv and ef_strip.png beside the FileList."""
-    candidates = [filelist] if filelist else [
-        os.path.join(fake, "FileList.csv"), os.path.join(fake, "..", "FileList.csv")]
+def ef_metric(fake, real=None, progress=False):
+    """ef: EF measured from the LV cavity (phantoms) vs asked: Pearson r, MAE in EF points. The
+    asked EFs: FileList.csv in `fake` or its parent (as sample.py writes it); ef_measured.csv
+    and ef_strip.png are written beside it."""
+    candidates = [os.path.join(fake, "FileList.csv"), os.path.join(fake, "..", "FileList.csv")]
     if (filelist := next((p for p in candidates if os.path.isfile(p)), None)) is None:
-        raise EvalError(f"ef: no FileList.csv with the requested EFs at {candidates} "
-                        "(give --filelist)")
+        raise EvalError(f"ef: no FileList.csv with the requested EFs at {candidates}")
+    folder = os.path.dirname(filelist)
     try:
-        listed = {r["FileName"]: r for r in data.read_filelist(os.path.dirname(filelist), False)}
+        listed = {r["FileName"]: r for r in data.read_filelist(folder, False)}
     except data.DataError as err:
         raise EvalError(f"ef: {err}") from None
     avis = os.path.join(fake, "Videos")      # a dataset root (the phantoms), or sample.py's frames
@@ -566,11 +548,9 @@ def ef_metric(fake, real=None, filelist=None, progress=False):
                             len(frames) / float(listed[name].get("FPS") or 32))
     if not rows:
         raise EvalError(f"ef: no videos in {fake}")
-    folder = os.path.dirname(filelist)
     if rank_world()[0] == 0:
-        with open(os.path.join(folder, "ef_measured.csv"), "w") as f:
-            f.write("FileName,RequestedEF,MeasuredEF\n")
-            f.writelines(f"{n},{r:.2f},{m:.2f}\n" for n, r, m in rows)
+        data.save(os.path.join(folder, "ef_measured.csv"), "FileName,RequestedEF,MeasuredEF\n"
+                  + "".join(f"{n},{r:.2f},{m:.2f}\n" for n, r, m in rows))
         ef_strip(os.path.join(folder, "ef_strip.png"), [r for r in rows if r[0] in thumbs],
                  thumbs, real)
     scores = data.ef_adherence([r[1] for r in rows], [r[2] for r in rows])
@@ -588,7 +568,7 @@ def parse_metric(name):
     raise EvalError(f"--metrics: unknown metric {name!r}; known: {list(METRICS.values())}")
 
 def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112,
-                filelist=None, cache_dir=None, **loader):
+                cache_dir=None, **loader):
     """[{'fid50k_full': 12.3}, ...] per seed; `detector(name)` gives the network. Only FVD
     uses the seed: fake statistics first (a short video fails early), then real per seed."""
     (kind, count), kw = parse_metric(name), dict(resolution=resolution, **loader)
@@ -604,10 +584,9 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
                            cache_dir=cache_dir)
         result = {name: frechet_distance(*fake, *real)}
     elif kind == "is":                      # softmax without output bias, 10 splits
-        files = list_images(fake)[:count]
-        note_short(f"is fake frames ({fake}); splits keep the nominal bounds as in "
-                   "StyleGAN-V, so the last are short or empty (NaN)", len(files), count)
-        dataset = FrameDataset(fake, files, resolution)
+        dataset = first_images(fake, count, resolution, f"is fake frames ({fake}); splits "
+                               "keep the nominal bounds as in StyleGAN-V, so the last are "
+                               "short or empty (NaN)")
         probs = torch.cat(list(detector_outputs(dataset, detector("inception"),
                                                 dict(no_output_bias=True), 64, "is fake",
                                                 **loader)))
@@ -619,7 +598,7 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
         result = dict(zip((name + "_mean", name + "_std"),
                           inception_score(probs.cpu().numpy(), count, 10)))
     else:
-        result = ef_metric(fake, real, filelist, loader.get("progress", False))
+        result = ef_metric(fake, real, loader.get("progress", False))
     return [result] * len(seeds)
 
 # --- main ------------------------------------------------------------------------------------
@@ -660,7 +639,7 @@ def run(args):
         start = time.time()
         runs = calc_metric(name, args.fake, args.real, detector,
                            range(args.seed, args.seed + args.runs), args.resolution,
-                           args.filelist, None if args.no_cache else args.cache_dir,
+                           None if args.no_cache else args.cache_dir,
                            workers=args.workers, progress=not args.no_progress)
         table += [(k, float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
                   for k in runs[0]]
@@ -690,7 +669,7 @@ def main(argv=None):
     """Command line entry point; bad input ends in one line naming the file or flag."""
     try:
         return run(parser.parse_args(argv))
-    except EvalError as err:
+    except (EvalError, data.DataError) as err:            # data: a full disk, a read-only folder
         # Raised in a DataLoader worker, the message arrives with the worker's traceback in
         # front of it: keep the last line, which is ours.
         msg = re.sub(r"^[\w.]*Error: ", "", str(err).strip().splitlines()[-1])

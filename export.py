@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import evaluate
 import model
@@ -309,10 +309,8 @@ def convert_detector(path, out_dir="models/detectors", log=print):
         log(f"  kept {out}: it has the IS layer, this file has not")
         return out
     os.makedirs(out_dir, exist_ok=True)
-    save_file(state, out + ".tmp", {**meta, "source": os.path.basename(path)})
-    umask = os.umask(0o22)
-    os.umask(umask)
-    os.chmod(out + ".tmp", 0o666 & ~umask)              # safetensors writes 0600: the umask's
+    with open(out + ".tmp", "wb") as f:          # save_file() would write mode 0600: the umask's
+        f.write(save(state, {**meta, "source": os.path.basename(path)}))
     os.replace(out + ".tmp", out)
     log(f"  wrote {out}")
     return out

@@ -730,9 +730,9 @@ def test_fvd_clips_follow_the_protocol(coded):
     highs = [20 - 16 + 1, 22 - 16 + 1]
     expect = np.random.default_rng(0).integers(0, highs).tolist()
     assert firsts[:2, 0].tolist() == expect and firsts[2:, 0].tolist() == [0, 0, 0]
-    clips = E.select_clips(E.list_videos(real), 16, 1, 10, True, seed=1)
+    clips = E.select_clips(E.list_videos(real), 16, 10, True, seed=1)
     assert [c[0] for c in clips] == ["vid_00", "vid_02", "vid_03"] and clips[2][1] == 0
-    offsets = {E.select_clips(E.list_videos(real), 16, 1, 10, True, s)[1][1] for s in range(60)}
+    offsets = {E.select_clips(E.list_videos(real), 16, 10, True, s)[1][1] for s in range(60)}
     assert offsets == set(range(7))                                # 0 ... N - n inclusive
 
 
