@@ -246,7 +246,7 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
     (under amp; guidance != 1 adds the NULL_EF pass), one fp32 step; residual: see lvdm_loss.
     weak: a weaker UNet (an early checkpoint of the same run) makes the NULL_EF pass instead of
     unet: guidance then also steers away from what the weak model gets wrong (autoguidance,
-    Karras et al. 2024, Sec. 3: "guiding a diffusion model with a bad version of itself")."""
+    Karras et al. 2024, "Guiding a diffusion model with a bad version of itself")."""
     B, C, h, w = cond.shape
     if residual and scheduler.clip:  # +-4 on k (x0 - cond): +-4k on x0
         scheduler = copy.copy(scheduler)
