@@ -206,10 +206,11 @@ def setup(args, device):
             unet.config.in_channels, unet.config.out_channels) != (2 * C, C):
         raise SampleError(f"--unet {unet_path} --vae {args.vae}: need a VAE of 4 levels and C "
                           "latent channels, and a UNet of 2C -> C channels with an even num_frames")
+    residual = trained_residual(unet_path)
     weak, weak_path = load_unet(args.guide_unet) if args.guide_unet else (None, None)
-    same = [(m.config.in_channels, m.config.out_channels, m.config.num_frames, trained_residual(p))
-            for m, p in ((unet, unet_path), (weak, weak_path)) if m]
-    if len(set(same)) > 1:
+    def kind(m):
+        return m.config.in_channels, m.config.out_channels, m.config.num_frames
+    if weak and (kind(weak), trained_residual(weak_path)) != (kind(unet), residual):
         raise SampleError(f"--guide_unet {weak_path}: its channels, num_frames or residual differ "
                           f"from --unet {unet_path}'s (use an earlier checkpoint of the same run)")
     job = argparse.Namespace(
@@ -222,7 +223,7 @@ def setup(args, device):
         efs=read_efs(args) if args.ef_from else None,
         scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
         amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
-        residual=trained_residual(unet_path))
+        residual=residual)
     job.scheduler.set_timesteps(args.num_steps)
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
                                                   "min_lvef", "max_lvef", "fps")}
