@@ -68,7 +68,7 @@ def read_filelist(root, probe=True):
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
         raw_rows = list(reader)
-    folds = bool(raw_rows) and all((r["Split"] or "").strip().isdigit() for r in raw_rows)
+    folds = bool(raw_rows) and all((r["Split"] or "").strip().isdecimal() for r in raw_rows)
     rows = []
     for line, raw in enumerate(raw_rows, start=2):
         row = dict.fromkeys(FILELIST_COLUMNS)                  # standard columns first, then extras
@@ -76,17 +76,16 @@ def read_filelist(root, probe=True):
         name = row["FileName"] or ""
         row["FileName"] = name[:-4] if name.lower().endswith(".avi") else name
         where = f"{path}, line {line} ({row['FileName']})"
-        if folds:
-            row["Fold"] = row["Split"]
         for column in [c for c in NUMBER_COLUMNS if row.get(c) is not None]:
             try:
                 row[column] = NUMBER_COLUMNS[column](float(row[column]))
             except ValueError:
                 raise DataError(f"{where}: {column} {row[column]!r} is not a number") from None
-        if folds and not 0 <= row["Fold"] <= 9:
-            raise DataError(f"{where}: fold {row['Fold']} outside 0..9")
-        if folds:
-            row["Split"] = "TRAIN" if row["Fold"] < 8 else "VAL" if row["Fold"] == 8 else "TEST"
+        if folds:                                              # decimal digits: the fold is >= 0
+            row["Fold"] = fold = int(row["Split"])
+            if fold > 9:
+                raise DataError(f"{where}: fold {fold} outside 0..9")
+            row["Split"] = "TRAIN" if fold < 8 else "VAL" if fold == 8 else "TEST"
         elif row["Split"] not in ("TRAIN", "VAL", "TEST"):
             raise DataError(f"{where}: Split {row['Split']!r} is not TRAIN, VAL, TEST or a fold")
         if row["EF"] is None or not 0 <= row["EF"] <= 100:
@@ -195,8 +194,7 @@ def probe_video(path):
         rate = stream.average_rate or stream.guessed_rate
     if not rate:
         raise DataError(f"{path}: no frame rate in the video")
-    return {"FrameHeight": stream.height, "FrameWidth": stream.width, "FPS": float(rate),
-            "NumberOfFrames": n}
+    return dict(zip(VIDEO_COLUMNS, (stream.height, stream.width, float(rate), n)))
 
 def read_video(path, size=None):
     """Decode all frames of a video. Returns (uint8 [F, H, W, 3] RGB, fps); `size` resizes to
@@ -669,8 +667,7 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
             except DataError as e:
                 failed.append(str(e))
                 continue
-            found = {"FrameHeight": video.shape[1], "FrameWidth": video.shape[2], "FPS": fps,
-                     "NumberOfFrames": len(video)}
+            found = dict(zip(VIDEO_COLUMNS, (*video.shape[1:3], fps, len(video))))
             row.update({c: found[c] for c in VIDEO_COLUMNS if row[c] is None})
             # Frames x / 128 - 1 (gray: the RGB mean repeated), posterior *samples* (from the
             # video's own generator, seeded (seed, index)) times the scaling factor, batch_size

@@ -175,11 +175,9 @@ class InceptionV3(nn.Module):
             pool2=nn.AvgPool2d(8, 8)))                                            # 1
         self.output = nn.Linear(2048, 1008)
 
-    def forward(self, img, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False):
-        x = tf1_resize(img.to(torch.float16 if use_fp16 else torch.float32), 299, 299)
-        x = (x - 128) / 128                                     # 0 -> -1, 255 -> 0.9921875
-        features = self.layers(x).reshape(-1, 2048).to(torch.float32)   # pool_3
+    def forward(self, img, return_features: bool = False, no_output_bias: bool = False):
+        x = (tf1_resize(img.float(), 299, 299) - 128) / 128     # 0 -> -1, 255 -> 0.9921875
+        features = self.layers(x).reshape(-1, 2048)             # pool_3
         if return_features:
             return features
         bias = None if no_output_bias else self.output.bias
@@ -368,10 +366,10 @@ class FrameDataset(torch.utils.data.Dataset):
         return torch.from_numpy(read_image(os.path.join(self.root, self.files[i]), self.shape))
 
 class ClipDataset(FrameDataset):
-    """FVD items: item i is the uint8 clip [n, C, H, W] of the n frames `files[i]`."""
+    """FVD items: item i is the uint8 clip [C, n, H, W] (I3D's layout) of the frames `files[i]`."""
     def __getitem__(self, i):
         return torch.stack([torch.from_numpy(read_image(os.path.join(self.root, f), self.shape))
-                            for f in self.files[i]])
+                            for f in self.files[i]], 1)
 
 def select_clips(videos, n, max_items, random_offset, seed):
     """FVD clips [(video, first frame)] [metrics.md 3]. Real: short videos dropped, then the
@@ -422,8 +420,8 @@ def rank_world():
 
 @torch.inference_mode()
 def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress=False):
-    """Yield float32 net(batch) for items r, r + G, ... of process r of G; clips as contiguous
-    [b, C, n, H, W], one channel repeated to three [metrics.md 3, 4]."""
+    """Yield float32 net(batch) for items r, r + G, ... of process r of G (images [b, C, H, W],
+    clips [b, C, n, H, W]), one channel repeated to three [metrics.md 3, 4]."""
     rank, world = rank_world()
     if len(dataset) < world:
         raise EvalError(f"{desc}: {len(dataset)} items for {world} processes")
@@ -431,8 +429,6 @@ def detector_outputs(dataset, net, kwargs, batch_size, desc, workers=0, progress
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=items, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     for x in tqdm(loader, desc, unit="batch", leave=False, disable=not progress or rank != 0):
-        if x.ndim == 5:
-            x = x.permute(0, 2, 1, 3, 4).contiguous()
         if x.shape[1] == 1:
             x = x.repeat_interleave(3, dim=1)
         yield net(x.to(device, non_blocking=True), **kwargs).float()
@@ -528,10 +524,7 @@ def ef_metric(fake, real=None, progress=False):
     if (filelist := next((p for p in candidates if os.path.isfile(p)), None)) is None:
         raise EvalError(f"ef: no FileList.csv with the requested EFs at {candidates}")
     folder = os.path.dirname(filelist)
-    try:
-        listed = {r["FileName"]: r for r in data.read_filelist(folder, False)}
-    except data.DataError as err:
-        raise EvalError(f"ef: {err}") from None
+    listed = {r["FileName"]: r for r in data.read_filelist(folder, False)}   # DataError: main()
     avis = os.path.join(fake, "Videos")      # a dataset root (the phantoms), or sample.py's frames
     videos = list_videos(fake) if not os.path.isdir(avis) else [
         (os.path.splitext(n)[0], os.path.join(avis, n)) for n in sorted(os.listdir(avis))

