@@ -99,11 +99,10 @@ def check_flags(args):
     fallback = args.unet == parser.get_default("unet") and model.list_checkpoints(TRAIN_OUT)
     found = {"unet": os.path.exists(args.unet) or bool(fallback), "vae": os.path.exists(args.vae),
              "conditioning": os.path.isdir(args.conditioning)}
-    if not all(found.values()):
-        hints = [HINTS[0]] * (not found["unet"] or not found["vae"])
-        hints += [HINTS[1]] * (not found["conditioning"])
-        missing = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in found if not found[flag])
-        raise SampleError(f"missing {missing}: {'; '.join(hints)}")
+    if missing := [flag for flag, ok in found.items() if not ok]:  # each hint once, in order
+        hints = dict.fromkeys(HINTS[flag == "conditioning"] for flag in missing)
+        raise SampleError(f"missing {', '.join(f'--{f} {getattr(args, f)}' for f in missing)}: "
+                          + "; ".join(hints))
 
 def load_unet(path):
     """(UNet, its folder): a model folder, or a training checkpoint's EMA weights (a
@@ -111,9 +110,8 @@ def load_unet(path):
     default models/lvdm is absent, train.py's default run folder (out/lvdm)."""
     if path == parser.get_default("unet") and not os.path.exists(path):
         path = TRAIN_OUT
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return model.load_model(path, expect=UNET), path
-    unet, path = model.load_checkpoint(path)
+    is_folder = os.path.isfile(os.path.join(path, "config.json"))
+    unet, path = (model.load_model(path, UNET), path) if is_folder else model.load_checkpoint(path)
     if unet.class_name != UNET:
         raise SampleError(f"--unet {path}: a checkpoint of a {unet.class_name}, not a UNet")
     return unet, path
@@ -149,9 +147,7 @@ def read_conditioning(path, shape):
             with Image.open(path) as im:
                 x = torch.from_numpy(np.array(im.convert("RGB")))
             shape = (shape[1] * 8, shape[2] * 8, 3)
-    except model.ModelLoadError as e:  # random bytes, a pickle of more than tensors
-        raise SampleError(str(e)) from None
-    except OSError as e:  # truncated or non-image files
+    except OSError as e:  # truncated or non-image files (a bad .pt: torch_load names it)
         raise SampleError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
     got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
     if got != tuple(shape):
@@ -213,26 +209,22 @@ def setup(args, device):
     if weak and (kind(weak), trained_residual(weak_path)) != (kind(unet), residual):
         raise SampleError(f"--guide_unet {weak_path}: its channels, num_frames or residual differ "
                           f"from --unet {unet_path}'s (use an earlier checkpoint of the same run)")
+    unet, weak, vae = (m and m.to(device).requires_grad_(False) for m in (unet, weak, vae))
     job = argparse.Namespace(
-        unet=unet.to(device).requires_grad_(False),
-        weak=weak.to(device).requires_grad_(False) if weak else None,
-        vae=vae.to(device).requires_grad_(False),
-        window=window, frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
-        shape=(vae.config.latent_channels, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
-        paths=list_conditioning(args.conditioning), device=device,
-        efs=read_efs(args) if args.ef_from else None,
+        unet=unet, weak=weak, vae=vae, window=window, residual=residual, device=device,
+        frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
+        shape=(C, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
+        paths=list_conditioning(args.conditioning), efs=read_efs(args) if args.ef_from else None,
         scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
-        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
-        residual=residual)
+        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
     job.scheduler.set_timesteps(args.num_steps)
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
                                                   "min_lvef", "max_lvef", "fps")}
-    job.settings.update(frames=job.frames, window=window, unet=os.path.abspath(unet_path),
-                        vae=os.path.abspath(args.vae), ef_from=args.ef_from and os.path.abspath(
-                            args.ef_from), conditioning=os.path.abspath(args.conditioning),
-                        device=device.type,  # cuda: a bf16 UNet, other bits than the CPU's
-                        residual=job.residual,
-                        guide_unet=weak_path and os.path.abspath(weak_path))
+    job.settings.update({k: p and os.path.abspath(p) for k, p in [  # paths made absolute
+        ("unet", unet_path), ("vae", args.vae), ("conditioning", args.conditioning),
+        ("ef_from", args.ef_from), ("guide_unet", weak_path)]})
+    job.settings.update(frames=job.frames, window=window, residual=residual,
+                        device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
     return job
 
 # --- outputs -----------------------------------------------------------------------------------
