@@ -66,7 +66,6 @@ arg("--batch_size", type=int, default=8, help="videos per batch (default: %(defa
 arg("--decode_chunk", type=int, default=8, help="frames per VAE decode call (default: 8)")
 arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 UNet; "
     "cuda:LOCAL_RANK under torchrun) or cpu (default: %(default)s)")
-arg("--dry_run", action="store_true", help="print the resolved settings and exit")
 
 FORMATS = ("avi", "mp4", "gif", "jpg", "png", "pt")
 UNET, TRAIN_OUT = "UNetSpatioTemporalConditionModel", "out/lvdm"  # --unet's fallback: train.py's
@@ -310,9 +309,6 @@ def run(args, formats):
     if device.type == "cuda":  # TF32 matmuls; the UNet under bf16 autocast, the VAE in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     job = setup(args, device)
-    if args.dry_run:
-        print(json.dumps({**job.settings, "save_as": formats, "output": args.output}, indent=2))
-        return
     with data.locked(args.output, "--output") if rank == 0 else contextlib.nullcontext():
         # Rank 0 prepares the folder and lists the videos to do; every process gets the list.
         todo = [prepare_output(args, formats, job) if rank == 0 else None]
