@@ -52,7 +52,6 @@ arg("--guide_unet", help="autoguidance: the null-EF pass of --guidance from this
     "early checkpoint of the same run, e.g. out/lvdm/checkpoint-100) instead of --unet")
 arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
 arg("--max_lvef", type=int, default=90, help="highest EF in %% (default: %(default)s)")
-arg("--ef_from", help="a FileList.csv: EFs drawn from its EF column (within min..max)")
 arg("--frames", type=int, default=192, help="frames per video, rounded up to a multiple of half "
     "the UNet's num_frames (32) (default: %(default)s)")
 arg("--seed", type=int, default=0, help="video i's generator is seeded (seed, i) (default: 0)")
@@ -153,21 +152,10 @@ def read_conditioning(path, shape):
         raise SampleError(f"{path}: shape {got}, expected {tuple(shape)}")
     return x
 
-def read_efs(args):
-    """--ef_from's EF column (a FileList.csv or a folder holding one) within the EF range."""
-    root = os.path.dirname(args.ef_from) if os.path.isfile(args.ef_from) else args.ef_from
-    efs = [r["EF"] for r in data.read_filelist(root, probe=False)
-           if args.min_lvef <= r["EF"] <= args.max_lvef]
-    if not efs:
-        raise SampleError(f"--ef_from {args.ef_from}: no EF in [{args.min_lvef}, {args.max_lvef}]")
-    return efs
-
-def draw_ef(generator, low, high, real_efs=None):
-    """A video's EF, its generator's first draw: an integer uniform in [low, high] (the original's
-    randint), or with --ef_from one of the real EFs in that range."""
-    if real_efs is None:
-        return int(torch.randint(low, high + 1, (1,), generator=generator))
-    return real_efs[int(torch.randint(len(real_efs), (1,), generator=generator))]
+def draw_ef(generator, low, high):
+    """A video's EF in %, its generator's first draw: an integer uniform in [low, high] (the
+    original's randint; written to FileList.csv, given to the UNet as EF / 100)."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 def conditioning(paths, shape, vae, generators, device):
     """Scaled conditioning latents [B, C, h, w]: .pt latents as they are; frames encoded as the
@@ -213,7 +201,7 @@ def setup(args, device):
         unet=unet, weak=weak, vae=vae, window=window, residual=residual, device=device,
         frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
         shape=(C, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
-        paths=list_conditioning(args.conditioning), efs=read_efs(args) if args.ef_from else None,
+        paths=list_conditioning(args.conditioning),
         scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
         amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
     job.scheduler.set_timesteps(args.num_steps)
@@ -221,7 +209,7 @@ def setup(args, device):
                                                   "min_lvef", "max_lvef", "fps")}
     job.settings.update({k: p and os.path.abspath(p) for k, p in [  # paths made absolute
         ("unet", unet_path), ("vae", args.vae), ("conditioning", args.conditioning),
-        ("ef_from", args.ef_from), ("guide_unet", weak_path)]})
+        ("guide_unet", weak_path)]})
     job.settings.update(frames=job.frames, window=window, residual=residual,
                         device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
     return job
@@ -263,7 +251,7 @@ def sample_batch(args, job, index, formats):
     """Videos `index`: EF, conditioning latent, denoising, decoding, then every format, each
     file written under a temporary name and renamed (a killed run leaves no half file)."""
     generators = [data.item_generator(args.seed, i) for i in index]
-    efs = [draw_ef(g, args.min_lvef, args.max_lvef, job.efs) for g in generators]
+    efs = [draw_ef(g, args.min_lvef, args.max_lvef) for g in generators]
     with torch.inference_mode():
         x = conditioning([job.paths[i % len(job.paths)] for i in index], job.shape, job.vae,
                          generators, job.device)  # video i: file i mod N
@@ -283,7 +271,7 @@ def write_filelist(args, job, formats):
     """FileList.csv, rebuilt from every finished video on disk (EFs redrawn from their
     generators), in index order: by rank 0, once every process is done."""
     rows = [{"FileName": f"sample_{i:06d}", "EF": draw_ef(data.item_generator(args.seed, i),
-             args.min_lvef, args.max_lvef, job.efs), "ESV": 0, "EDV": 0, "FrameHeight": 8 *
+             args.min_lvef, args.max_lvef), "ESV": 0, "EDV": 0, "FrameHeight": 8 *
              job.shape[1], "FrameWidth": 8 * job.shape[2], "FPS": args.fps, "NumberOfFrames":
              job.frames, "Split": "TRAIN"} for i in sorted(finished(args.output, formats))]
     data.write_filelist(os.path.join(args.output, "FileList.csv"), rows)
