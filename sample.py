@@ -242,7 +242,7 @@ def prepare_output(args, formats, job):
     for fmt in formats:
         os.makedirs(os.path.join(out, fmt), exist_ok=True)
     data.save(path, json.dumps(job.settings, indent=2))
-    todo = [i for i in range(args.num_samples) if i not in finished(out, formats)]
+    todo = sorted(set(range(args.num_samples)) - finished(out, formats))
     for i in sorted({i % len(job.paths) for i in todo}):
         read_conditioning(job.paths[i], job.shape)
     return todo
@@ -279,21 +279,17 @@ def write_filelist(args, job, formats):
 
 # --- main --------------------------------------------------------------------------------------
 
-def start(args):
-    """(rank, processes, device). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process
-    takes cuda:LOCAL_RANK and joins a process group: nccl on GPUs, gloo on CPUs."""
-    device = torch.device(args.device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
 def run(args, formats):
     check_flags(args)
-    rank, world, device = start(args)
+    # Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process takes cuda:LOCAL_RANK and
+    # joins a process group: nccl on GPUs, gloo on CPUs.
+    rank, world, device = 0, 1, torch.device(args.device)
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cuda":  # TF32 matmuls; the UNet under bf16 autocast, the VAE in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     job = setup(args, device)
