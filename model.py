@@ -156,20 +156,17 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is Dropout(0)
 
     def forward(self, x, context=None):  # x: (B, L, C), context: (B, S, Dc) or None
-        B, L, _ = x.shape
         context = x if context is None else context
-        S = context.shape[1]
         v = self.to_v(context)                                           # (B, S, C)
-        if S == 1:
+        if context.shape[1] == 1:
             # One context token (EchoNet's EF): softmax over one key is exactly 1, so every query
             # receives its value whatever the queries (to_q, to_k and the norm before do not
             # matter). to_out runs on all L copies of v, so the rows round as diffusers' do.
-            return self.to_out[0](v.expand(B, L, -1).contiguous())       # (B, L, C)
-        q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)     # (B, heads, L, head_dim)
-        k = self.to_k(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, heads, S, hd)
-        v = v.view(B, S, self.heads, -1).transpose(1, 2)                # (B, heads, S, hd)
+            return self.to_out[0](v.expand(-1, x.shape[1], -1).contiguous())  # (B, L, C)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)   # (B, heads, L or S, C/heads)
+                   for t in (self.to_q(x), self.to_k(context), v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
-        return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1).to(q.dtype))  # (B, L, C)
+        return self.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype))  # (B, L, C)
 
 class FeedForward(nn.Module):
     """GEGLU feed-forward (Shazeer 2020): Linear to 2 x 4C, value * GELU(gate), Linear back to C."""
@@ -314,7 +311,7 @@ class UNetSpatioTemporal(nn.Module):
             attention, whose transformer layers per module are one int or a list."""
             b = nn.Module()
             b.attentions = nn.ModuleList([TransformerSpatioTemporal(ch[j], heads[j], d, context[j])
-                for d in per_block(tlayers[j], n_attention or len(cins))]) if attention else None
+                for d in per_block(tlayers[j], n_attention or len(cins))] if attention else [])
             b.resnets = nn.ModuleList([SpatioTemporalResBlock(cin, ch[j], D, eps) for cin in cins])
             return b
 
@@ -359,10 +356,8 @@ class UNetSpatioTemporal(nn.Module):
     def layer(self, block, k, x, emb, context, num_frames):
         """ResNet k of a block, then its attention module k if it has one (x: (N, C, H, W));
         with gradient checkpointing each is recomputed in the backward pass instead of kept."""
-        modules = [(block.resnets[k], emb)]
-        if block.attentions is not None and k < len(block.attentions):  # mid block: only k = 0
-            modules.append((block.attentions[k], context))
-        for module, arg in modules:
+        # (the mid block has two ResNets and one attention module, after ResNet 0)
+        for module, arg in zip([block.resnets[k], *block.attentions[k:k + 1]], (emb, context)):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(module, x, arg, num_frames, use_reentrant=False)
             else:
@@ -447,16 +442,14 @@ class VAEMidBlock(nn.Module):
     """ResNet, optional self-attention, ResNet at the VAE's lowest resolution."""
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
-        one_head = VAEAttention(channels, 1, bias=True, groups=groups)
-        self.attentions = nn.ModuleList([one_head]) if attention else None
+        # One single-head attention, or none: an empty Sequential (no keys) passes x through.
+        one_head = [VAEAttention(channels, 1, bias=True, groups=groups)] if attention else []
+        self.attentions = nn.Sequential(*one_head)
         self.resnets = nn.ModuleList(
             [ResnetBlock(channels, channels, None, 1e-6, groups) for _ in range(2)])
 
     def forward(self, x):
-        x = self.resnets[0](x)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+        return self.resnets[1](self.attentions(self.resnets[0](x)))
 
 class VAEBlock(nn.Module):
     """Encoder (DownEncoderBlock2D) or decoder (UpDecoderBlock2D) block: ResNets + resampling."""
@@ -465,12 +458,12 @@ class VAEBlock(nn.Module):
         self.resnets = nn.Sequential(
             *[ResnetBlock(cin if i == 0 else cout, cout, None, 1e-6, groups)
               for i in range(num_layers)])
-        self.downsamplers = nn.Sequential(Resample2D(cout, padding=0)) if down else None
-        self.upsamplers = nn.Sequential(Resample2D(cout, up=True)) if up else None
+        # one, the other or neither: an empty Sequential (no keys) passes x through
+        self.downsamplers = nn.Sequential(*[Resample2D(cout, padding=0)] if down else [])
+        self.upsamplers = nn.Sequential(*[Resample2D(cout, up=True)] if up else [])
 
     def forward(self, x):  # x: (B, Cin, H, W) -> (B, C, H, W), or at half or twice the size
-        resample = self.downsamplers or self.upsamplers  # one, the other or neither
-        return self.resnets(x) if resample is None else resample(self.resnets(x))
+        return self.upsamplers(self.downsamplers(self.resnets(x)))
 
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL: encode(x) -> DiagonalGaussian posterior, decode(z) -> image."""

@@ -52,7 +52,6 @@ arg("--guide_unet", help="autoguidance: the null-EF pass of --guidance from this
     "early checkpoint of the same run, e.g. out/lvdm/checkpoint-100) instead of --unet")
 arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
 arg("--max_lvef", type=int, default=90, help="highest EF in %% (default: %(default)s)")
-arg("--ef_from", help="a FileList.csv: EFs drawn from its EF column (within min..max)")
 arg("--frames", type=int, default=192, help="frames per video, rounded up to a multiple of half "
     "the UNet's num_frames (32) (default: %(default)s)")
 arg("--seed", type=int, default=0, help="video i's generator is seeded (seed, i) (default: 0)")
@@ -66,7 +65,6 @@ arg("--batch_size", type=int, default=8, help="videos per batch (default: %(defa
 arg("--decode_chunk", type=int, default=8, help="frames per VAE decode call (default: 8)")
 arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16 UNet; "
     "cuda:LOCAL_RANK under torchrun) or cpu (default: %(default)s)")
-arg("--dry_run", action="store_true", help="print the resolved settings and exit")
 
 FORMATS = ("avi", "mp4", "gif", "jpg", "png", "pt")
 UNET, TRAIN_OUT = "UNetSpatioTemporalConditionModel", "out/lvdm"  # --unet's fallback: train.py's
@@ -99,11 +97,10 @@ def check_flags(args):
     fallback = args.unet == parser.get_default("unet") and model.list_checkpoints(TRAIN_OUT)
     found = {"unet": os.path.exists(args.unet) or bool(fallback), "vae": os.path.exists(args.vae),
              "conditioning": os.path.isdir(args.conditioning)}
-    if not all(found.values()):
-        hints = [HINTS[0]] * (not found["unet"] or not found["vae"])
-        hints += [HINTS[1]] * (not found["conditioning"])
-        missing = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in found if not found[flag])
-        raise SampleError(f"missing {missing}: {'; '.join(hints)}")
+    if missing := [flag for flag, ok in found.items() if not ok]:  # each hint once, in order
+        hints = dict.fromkeys(HINTS[flag == "conditioning"] for flag in missing)
+        raise SampleError(f"missing {', '.join(f'--{f} {getattr(args, f)}' for f in missing)}: "
+                          + "; ".join(hints))
 
 def load_unet(path):
     """(UNet, its folder): a model folder, or a training checkpoint's EMA weights (a
@@ -111,9 +108,8 @@ def load_unet(path):
     default models/lvdm is absent, train.py's default run folder (out/lvdm)."""
     if path == parser.get_default("unet") and not os.path.exists(path):
         path = TRAIN_OUT
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return model.load_model(path, expect=UNET), path
-    unet, path = model.load_checkpoint(path)
+    is_folder = os.path.isfile(os.path.join(path, "config.json"))
+    unet, path = (model.load_model(path, UNET), path) if is_folder else model.load_checkpoint(path)
     if unet.class_name != UNET:
         raise SampleError(f"--unet {path}: a checkpoint of a {unet.class_name}, not a UNet")
     return unet, path
@@ -149,30 +145,17 @@ def read_conditioning(path, shape):
             with Image.open(path) as im:
                 x = torch.from_numpy(np.array(im.convert("RGB")))
             shape = (shape[1] * 8, shape[2] * 8, 3)
-    except model.ModelLoadError as e:  # random bytes, a pickle of more than tensors
-        raise SampleError(str(e)) from None
-    except OSError as e:  # truncated or non-image files
+    except OSError as e:  # truncated or non-image files (a bad .pt: torch_load names it)
         raise SampleError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
     got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
     if got != tuple(shape):
         raise SampleError(f"{path}: shape {got}, expected {tuple(shape)}")
     return x
 
-def read_efs(args):
-    """--ef_from's EF column (a FileList.csv or a folder holding one) within the EF range."""
-    root = os.path.dirname(args.ef_from) if os.path.isfile(args.ef_from) else args.ef_from
-    efs = [r["EF"] for r in data.read_filelist(root, probe=False)
-           if args.min_lvef <= r["EF"] <= args.max_lvef]
-    if not efs:
-        raise SampleError(f"--ef_from {args.ef_from}: no EF in [{args.min_lvef}, {args.max_lvef}]")
-    return efs
-
-def draw_ef(generator, low, high, real_efs=None):
-    """A video's EF, its generator's first draw: an integer uniform in [low, high] (the original's
-    randint), or with --ef_from one of the real EFs in that range."""
-    if real_efs is None:
-        return int(torch.randint(low, high + 1, (1,), generator=generator))
-    return real_efs[int(torch.randint(len(real_efs), (1,), generator=generator))]
+def draw_ef(generator, low, high):
+    """A video's EF in %, its generator's first draw: an integer uniform in [low, high] (the
+    original's randint; written to FileList.csv, given to the UNet as EF / 100)."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 def conditioning(paths, shape, vae, generators, device):
     """Scaled conditioning latents [B, C, h, w]: .pt latents as they are; frames encoded as the
@@ -213,26 +196,22 @@ def setup(args, device):
     if weak and (kind(weak), trained_residual(weak_path)) != (kind(unet), residual):
         raise SampleError(f"--guide_unet {weak_path}: its channels, num_frames or residual differ "
                           f"from --unet {unet_path}'s (use an earlier checkpoint of the same run)")
+    unet, weak, vae = (m and m.to(device).requires_grad_(False) for m in (unet, weak, vae))
     job = argparse.Namespace(
-        unet=unet.to(device).requires_grad_(False),
-        weak=weak.to(device).requires_grad_(False) if weak else None,
-        vae=vae.to(device).requires_grad_(False),
-        window=window, frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
-        shape=(vae.config.latent_channels, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
-        paths=list_conditioning(args.conditioning), device=device,
-        efs=read_efs(args) if args.ef_from else None,
+        unet=unet, weak=weak, vae=vae, window=window, residual=residual, device=device,
+        frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
+        shape=(C, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
+        paths=list_conditioning(args.conditioning),
         scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
-        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
-        residual=residual)
+        amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
     job.scheduler.set_timesteps(args.num_steps)
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
                                                   "min_lvef", "max_lvef", "fps")}
-    job.settings.update(frames=job.frames, window=window, unet=os.path.abspath(unet_path),
-                        vae=os.path.abspath(args.vae), ef_from=args.ef_from and os.path.abspath(
-                            args.ef_from), conditioning=os.path.abspath(args.conditioning),
-                        device=device.type,  # cuda: a bf16 UNet, other bits than the CPU's
-                        residual=job.residual,
-                        guide_unet=weak_path and os.path.abspath(weak_path))
+    job.settings.update({k: p and os.path.abspath(p) for k, p in [  # paths made absolute
+        ("unet", unet_path), ("vae", args.vae), ("conditioning", args.conditioning),
+        ("guide_unet", weak_path)]})
+    job.settings.update(frames=job.frames, window=window, residual=residual,
+                        device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
     return job
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -263,7 +242,7 @@ def prepare_output(args, formats, job):
     for fmt in formats:
         os.makedirs(os.path.join(out, fmt), exist_ok=True)
     data.save(path, json.dumps(job.settings, indent=2))
-    todo = [i for i in range(args.num_samples) if i not in finished(out, formats)]
+    todo = sorted(set(range(args.num_samples)) - finished(out, formats))
     for i in sorted({i % len(job.paths) for i in todo}):
         read_conditioning(job.paths[i], job.shape)
     return todo
@@ -272,7 +251,7 @@ def sample_batch(args, job, index, formats):
     """Videos `index`: EF, conditioning latent, denoising, decoding, then every format, each
     file written under a temporary name and renamed (a killed run leaves no half file)."""
     generators = [data.item_generator(args.seed, i) for i in index]
-    efs = [draw_ef(g, args.min_lvef, args.max_lvef, job.efs) for g in generators]
+    efs = [draw_ef(g, args.min_lvef, args.max_lvef) for g in generators]
     with torch.inference_mode():
         x = conditioning([job.paths[i % len(job.paths)] for i in index], job.shape, job.vae,
                          generators, job.device)  # video i: file i mod N
@@ -292,7 +271,7 @@ def write_filelist(args, job, formats):
     """FileList.csv, rebuilt from every finished video on disk (EFs redrawn from their
     generators), in index order: by rank 0, once every process is done."""
     rows = [{"FileName": f"sample_{i:06d}", "EF": draw_ef(data.item_generator(args.seed, i),
-             args.min_lvef, args.max_lvef, job.efs), "ESV": 0, "EDV": 0, "FrameHeight": 8 *
+             args.min_lvef, args.max_lvef), "ESV": 0, "EDV": 0, "FrameHeight": 8 *
              job.shape[1], "FrameWidth": 8 * job.shape[2], "FPS": args.fps, "NumberOfFrames":
              job.frames, "Split": "TRAIN"} for i in sorted(finished(args.output, formats))]
     data.write_filelist(os.path.join(args.output, "FileList.csv"), rows)
@@ -300,27 +279,20 @@ def write_filelist(args, job, formats):
 
 # --- main --------------------------------------------------------------------------------------
 
-def start(args):
-    """(rank, processes, device). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process
-    takes cuda:LOCAL_RANK and joins a process group: nccl on GPUs, gloo on CPUs."""
-    device = torch.device(args.device)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
 def run(args, formats):
     check_flags(args)
-    rank, world, device = start(args)
+    # Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process takes cuda:LOCAL_RANK and
+    # joins a process group: nccl on GPUs, gloo on CPUs.
+    rank, world, device = 0, 1, torch.device(args.device)
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cuda":  # TF32 matmuls; the UNet under bf16 autocast, the VAE in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     job = setup(args, device)
-    if args.dry_run:
-        print(json.dumps({**job.settings, "save_as": formats, "output": args.output}, indent=2))
-        return
     with data.locked(args.output, "--output") if rank == 0 else contextlib.nullcontext():
         # Rank 0 prepares the folder and lists the videos to do; every process gets the list.
         todo = [prepare_output(args, formats, job) if rank == 0 else None]

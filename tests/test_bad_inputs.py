@@ -289,8 +289,6 @@ CASES = [
     ("sample-full-disk", "sample.py", SAMPLE_T,
      lambda w, t: full_disk(t / "s" / "FileList.csv.tmp"),
      "no space left on device while writing {t}/s/FileList.csv"),
-    ("sample-fps-0-in-ef-from", "sample.py", SAMPLE_T + "--ef_from {t}/d/FileList.csv", fps_0,
-     "{t}/d/FileList.csv, line 2 (v0): FPS 0.0 is not positive"),
     # evaluate.py
     ("evaluate-truncated-jpg", "evaluate.py", EVAL + "--fake {t}/s/jpg --metrics ef",
      lambda w, t: truncated_jpg(str(copy(w / "samples", t / "s") / "jpg" / "sample_000000"

@@ -315,19 +315,6 @@ def test_image_conditioning_is_a_seeded_posterior_sample(folders, tmp_path):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-def test_ef_from_filelist_draws_real_efs(folders, tmp_path):
-    """--ef_from draws each video's EF from the real EF column (within min..max), seeded."""
-    (tmp_path / "FileList.csv").write_text(
-        "FileName,EF,Split\na,12.5,TRAIN\nb,47.25,VAL\nc,80,TEST\nd,95,TRAIN\n")
-    efs = [12.5, 47.25, 80.0]
-    run(folders, tmp_path / "out", "--num_samples", "3", "--num_steps", "1", "--save_as", "pt",
-        "--ef_from", str(tmp_path / "FileList.csv"))
-    with open(tmp_path / "out" / "FileList.csv") as f:
-        got = [float(r["EF"]) for r in csv.DictReader(f)]
-    draws = [sample.draw_ef(data.item_generator(0, i), 10, 90, efs) for i in range(20)]
-    assert got == draws[:3] and set(draws) == set(efs)
-
-
 # --- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case, message", [
