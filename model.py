@@ -443,8 +443,9 @@ class VAEMidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
         # One single-head attention, or none: an empty Sequential (no keys) passes x through.
-        one_head = [VAEAttention(channels, 1, bias=True, groups=groups)] if attention else []
-        self.attentions = nn.Sequential(*one_head)
+        # Built either way, so that a seed draws the same weights for what follows as before.
+        one_head = VAEAttention(channels, 1, bias=True, groups=groups)
+        self.attentions = nn.Sequential(one_head) if attention else nn.Sequential()
         self.resnets = nn.ModuleList(
             [ResnetBlock(channels, channels, None, 1e-6, groups) for _ in range(2)])
 
