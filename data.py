@@ -81,6 +81,8 @@ def read_filelist(root, probe=True):
                 row[column] = NUMBER_COLUMNS[column](float(row[column]))
             except ValueError:
                 raise DataError(f"{where}: {column} {row[column]!r} is not a number") from None
+            if column in ("FPS", "NumberOfFrames") and not row[column] > 0:
+                raise DataError(f"{where}: {column} {row[column]} is not positive")
         if folds:                                              # decimal digits: the fold is >= 0
             row["Fold"] = fold = int(row["Split"])
             if fold > 9:
@@ -90,9 +92,6 @@ def read_filelist(root, probe=True):
             raise DataError(f"{where}: Split {row['Split']!r} is not TRAIN, VAL, TEST or a fold")
         if row["EF"] is None or not 0 <= row["EF"] <= 100:
             raise DataError(f"{where}: EF {row['EF']} outside [0, 100]")
-        for column in [c for c in ("FPS", "NumberOfFrames") if row[c] is not None]:
-            if not row[column] > 0:
-                raise DataError(f"{where}: {column} {row[column]} is not positive")
         if probe and any(row[c] is None for c in VIDEO_COLUMNS):
             row.update(probe_video(_video_path(root, row["FileName"])))
         rows.append(row)
@@ -206,16 +205,6 @@ def read_video(path, size=None):
     if not frames or len(frames) < expected:
         raise DataError(f"{path}: truncated video ({len(frames)} of {expected} frames decoded)")
     return np.stack(frames), fps
-
-def _read_frame(path, index, size):
-    """Frame `index` of a video as uint8 [size, size, 3], by seeking (fast for MJPEG AVIs)."""
-    with _opened(path) as (container, stream):
-        target = (stream.start_time or 0) + round(index / (stream.average_rate * stream.time_base))
-        container.seek(target, stream=stream)
-        for frame in container.decode(stream):
-            if frame.pts is not None and frame.pts >= target:
-                return frame.to_ndarray(format="rgb24", width=size, height=size)
-    raise DataError(f"{path}: no frame {index}")
 
 def save_video(path, frames, fps, fmt=None):
     """Write uint8 frames [F, H, W] (gray) or [F, H, W, 3] (RGB) as `avi` (MJPEG, qscale 1, the
@@ -388,8 +377,16 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         video = int(np.searchsorted(self.starts, index, side="right")) - 1
-        frame = _read_frame(self.paths[video], index - int(self.starts[video]), self.size)
-        return from_pixels(frame, self.gray)                   # [3, size, size]
+        path, index, size = self.paths[video], index - int(self.starts[video]), self.size
+        with _opened(path) as (container, stream):  # seek to the frame (fast for MJPEG AVIs)
+            step = stream.average_rate * stream.time_base  # frames per pts unit
+            target = (stream.start_time or 0) + round(index / step)
+            container.seek(target, stream=stream)
+            for frame in container.decode(stream):
+                if frame.pts is not None and frame.pts >= target:  # -> [3, size, size]
+                    return from_pixels(frame.to_ndarray(format="rgb24", width=size, height=size),
+                                       self.gray)
+        raise DataError(f"{path}: no frame {index}")
 
 # --- the phantom echo world ----------------------------------------------------------------------
 # A schematic apical four-chamber echo rendered in three parts: the heart's motion (EF, rate, the
@@ -502,7 +499,7 @@ def phantom_video(rng, n, fps):
     frames = img[level] + rng.standard_normal((n, SIZE, SIZE), dtype=np.float32) * (3 * FAN)
     edv, esv = float(volume.max()), float(volume.min())
     return np.clip(frames, 0, 255).astype(np.uint8), {"EF": 100 * (edv - esv) / edv,
-                                                       "EDV": edv, "ESV": esv}
+                                                       "ESV": esv, "EDV": edv}
 
 def _phantom_job(job):
     """Render and write phantom video `index`; its generator is seeded with (seed, index)."""
@@ -513,9 +510,8 @@ def _phantom_job(job):
     frames, truth = phantom_video(rng, n, fps)
     name = f"phantom_{index:05d}"
     save_video(_video_path(out, name), frames, fps)
-    return {"FileName": name, "EF": round(truth["EF"], 4), "ESV": round(truth["ESV"], 4),
-            "EDV": round(truth["EDV"], 4), "FrameHeight": SIZE, "FrameWidth": SIZE, "FPS": fps,
-            "NumberOfFrames": n, "Split": split}
+    return {"FileName": name, **{k: round(v, 4) for k, v in truth.items()}, "FrameHeight": SIZE,
+            "FrameWidth": SIZE, "FPS": fps, "NumberOfFrames": n, "Split": split}
 
 def make_phantom(out, num_videos=200, seed=0, workers=1):
     """Write an EchoNet-layout phantom dataset (`Videos/*.avi` + `FileList.csv`); 80/10/10 split.
@@ -626,14 +622,6 @@ def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
               f"fewer than the target {num_videos}")
     return len(rows)
 
-def fingerprint(module):
-    """A model's identity wherever its folder lies: sha256 of its config and weights (16 hex)."""
-    h = hashlib.sha256(json.dumps(model.config_to_dict(module), sort_keys=True).encode())
-    for key, value in sorted(module.state_dict().items()):
-        h.update(key.encode() + value.detach().contiguous().reshape(-1).view(torch.uint8)
-                 .numpy().tobytes())
-    return h.hexdigest()[:16]
-
 def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="cpu", seed=0,
                   mean=False):
     """Encode `<root>/Videos` to `<out>/Latents/<FileName>.pt` [T, 4, h, w] (scaled latents) and
@@ -647,8 +635,12 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
         vae = model.load_model(vae_path, expect="AutoencoderKL")
     except model.ModelLoadError as e:
         raise DataError(f"--vae {vae_path}: {e}") from None
+    # The VAE's identity wherever its folder lies: sha256 of its config and weights (16 hex).
+    h = hashlib.sha256(json.dumps(model.config_to_dict(vae), sort_keys=True).encode())
+    for key, value in sorted(vae.state_dict().items()):
+        h.update(key.encode() + value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     folder = os.path.join(out, "Latents")
-    settings = {"--vae": f"sha256:{fingerprint(vae)}", "--gray-scale": gray, "--seed": seed,
+    settings = {"--vae": f"sha256:{h.hexdigest()[:16]}", "--gray-scale": gray, "--seed": seed,
                 "--mean": mean}
     vae = vae.to(device)
     failed, recorded = [], False
@@ -676,9 +668,8 @@ def encode_videos(root, vae_path, out=None, gray=False, batch_size=32, device="c
             x = from_pixels(torch.from_numpy(video).to(device), gray)  # [T, 3, H, W]
             generator = item_generator(seed, i)
             with torch.no_grad():
-                posteriors = [vae.encode(part) for part in x.split(batch_size)]
                 latents = [(p.mode() if mean else p.sample(generator=generator)).cpu()
-                           for p in posteriors]
+                           for p in map(vae.encode, x.split(batch_size))]
             if not recorded:                                   # with the first latent, not before
                 save(os.path.join(folder, "settings.json"), json.dumps(settings, indent=2))
                 recorded = True

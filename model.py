@@ -588,10 +588,9 @@ def build(config_file: str, expect: str | None = None) -> nn.Module:
     if expect not in (None, name):
         raise ModelLoadError(f"{config_file}: this folder holds a {name}, expected a {expect}")
     cls, config_cls = CLASSES[name]
-    names = {f.name for f in dataclasses.fields(config_cls)}
     try:
         return cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in d.items() if k in names}))
+                                 for k, v in d.items() if k in config_cls.__dataclass_fields__}))
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{config_file}: invalid configuration ({e})") from e
 

@@ -152,8 +152,8 @@ def setup_device(cfg):
     plain python is one process. GPUs run fp16 (the original's, with a grad scaler) or bf16
     autocast, the CPU fp32. Without fp16 the scaler is disabled: scale() and unscale_() do
     nothing and step() is opt.step(), so the loop has one path for every precision."""
-    kind = cfg["device"] if cfg["device"] != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = auto if cfg["device"] == "auto" else cfg["device"]
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if kind == "cuda" else kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -230,14 +230,10 @@ def build_model(cfg, device):
                             weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
     return net, ema, opt, params
 
-def frames_in(batch):
-    """The frames a micro-batch's loss is a mean over: an LVDM batch's real ones, VAE frames."""
-    return int(batch["n_real"].sum()) if isinstance(batch, dict) else len(batch)
-
 FORWARD_PROCESS = diffusion.DDPM()  # the noise schedule of the loss, built once, not per step
 
 def loss_of(net, batch, generators, cfg, amp, device):
-    """A micro-batch's loss, a 0-dim fp32 mean over its frames_in(batch); one generator per item.
+    """A micro-batch's loss, a 0-dim fp32 mean over its frames; one generator per item.
     LVDM: diffusion.lvdm_loss. VAE: reconstruction + KL of frames [B, 3, H, W]."""
     if cfg["model"] == "unet":
         x0, cond, ef, n_real = (batch[k].to(device) for k in ("latents", "cond", "ef", "n_real"))
@@ -405,10 +401,12 @@ def train(cfg):
     since, data_s, t0, train_s = [], 0.0, time.time(), 0.0  # (checkpoints, previews apart)
     with tqdm(total=cfg["max_steps"], initial=step, disable=not master, dynamic_ncols=True) as bar:
         while step < cfg["max_steps"]:
-            # Load this step's micro-batches and count the global batch's (real) frames.
+            # Load this step's micro-batches and count the frames each one's loss is a mean over:
+            # an LVDM batch's real ones, VAE frames; and those of the global batch.
             tic, micro_batches = time.time(), next(batches)
             data_s += time.time() - tic
-            counts = [frames_in(batch) for batch in micro_batches]
+            counts = [int(b["n_real"].sum()) if isinstance(b, dict) else len(b)
+                      for b in micro_batches]
             total = torch.tensor(sum(counts), device=device)
             if ddp:
                 dist.all_reduce(total)
