@@ -510,8 +510,9 @@ def _phantom_job(job):
     frames, truth = phantom_video(rng, n, fps)
     name = f"phantom_{index:05d}"
     save_video(_video_path(out, name), frames, fps)
-    return {"FileName": name, **{k: round(v, 4) for k, v in truth.items()}, "FrameHeight": SIZE,
-            "FrameWidth": SIZE, "FPS": fps, "NumberOfFrames": n, "Split": split}
+    return {"FileName": name, "EF": round(truth["EF"], 4), "ESV": round(truth["ESV"], 4),
+            "EDV": round(truth["EDV"], 4), "FrameHeight": SIZE, "FrameWidth": SIZE, "FPS": fps,
+            "NumberOfFrames": n, "Split": split}  # the FileList's columns, in its order
 
 def make_phantom(out, num_videos=200, seed=0, workers=1):
     """Write an EchoNet-layout phantom dataset (`Videos/*.avi` + `FileList.csv`); 80/10/10 split.
