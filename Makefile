@@ -18,7 +18,8 @@ VAE_STEPS ?= 600
 LVDM_STEPS ?= 300
 CURVE_EVERY ?= 100
 SAMPLES ?= 32
-SAMPLE_STEPS ?= 5
+SAMPLER ?= dpm
+SAMPLE_STEPS ?= 8
 GUIDANCE ?= 3
 # demo-sweep's autoguided rows take the null-EF pass from the LVDM's checkpoint-$(GUIDE_STEP)
 GUIDE_STEP ?= 100
@@ -46,8 +47,9 @@ demo:
 	$(PY) export.py --checkpoint $(DEMO)/runs/lvdm --out $(DEMO)/models/lvdm --force
 	$(PY) sample.py --unet $(DEMO)/models/lvdm --vae $(DEMO)/models/vae \
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
-	    --batch_size $(SAMPLES) --frames 24 --fps 16 --sampler ddim --num_steps $(SAMPLE_STEPS) \
-	    --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 --max_lvef 90 --save_as avi,gif,jpg
+	    --batch_size $(SAMPLES) --frames 24 --fps 16 --sampler $(SAMPLER) \
+	    --num_steps $(SAMPLE_STEPS) --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 \
+	    --max_lvef 90 --save_as avi,gif,jpg
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
 	    --out $(DEMO)/results.jsonl
 	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"
@@ -55,11 +57,11 @@ demo:
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
-	    --out $(DEMO)/curve --guidance $(GUIDANCE) --steps $(SAMPLE_STEPS)
+	    --out $(DEMO)/curve --guidance $(GUIDANCE) --sampler $(SAMPLER) --steps $(SAMPLE_STEPS)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
-	    --out $(DEMO)/sweep \
+	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
 	    --guide $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP)
 
 demo-long:

@@ -288,17 +288,19 @@ class LatentVideoDataset(torch.utils.data.Dataset):
     videos of every root's FileList.csv with a `Latents/<FileName>.pt` ([T, 4, 14, 14], scaled;
     rows without one are left out with a warning) longer than frames / fps seconds (2 s).
     An item: {"latents": [frames, 4, 14, 14], a random window of the video resampled to `fps`
-    with a random phase, zero-padded; "cond": [4, 14, 14], a random frame of the whole video;
+    with a random phase, zero-padded; "cond": [4, 14, 14], a random frame of the whole video
+    (cond_frame "first": the window's first frame, so the clip starts from it);
     "ef": EF / 100; "n_real": int64; "name"}, drawn from a generator seeded (seed, epoch, index),
     whatever the workers or the order. Call `set_epoch` before each epoch's iterator (workers
     copy the dataset when they start, so not with persistent_workers=True)."""
 
     latent_shape = (4, 14, 14)                                 # [C, h, w] of every latent frame
 
-    def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0):
+    def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0, cond_frame="random"):
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
         splits = {split} if isinstance(split, str) else set(split)
         self.frames, self.fps, self.seed, self.epoch = frames, fps, seed, 0
+        self.cond_frame = cond_frame                           # "random" or "first"
         self.items = []                                        # (latent path, fps, EF / 100, name)
         for root in roots:
             if not os.path.isdir(os.path.join(root, "Latents")):
@@ -356,6 +358,8 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         latents = torch.zeros(self.frames, *self.latent_shape)
         latents[:len(idx)] = video[torch.from_numpy(idx)].float()
         cond = video[int(rng.integers(0, T))].float()
+        if self.cond_frame == "first":  # the clip starts at cond: what sample.py asks of it
+            cond = latents[0].clone()
         return {"latents": latents, "cond": cond, "ef": torch.tensor(ef, dtype=torch.float32),
                 "n_real": torch.tensor(len(idx)), "name": name}
 

@@ -146,6 +146,54 @@ class DDIM(_Scheduler):
             x_prev = x_prev + sigma * z
         return (x_prev, x0) if return_x0 else x_prev
 
+class DPMSolver(_Scheduler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): DDIM's ODE solved in
+    x0 and the log-SNR lambda = log(alpha / sigma), second order from the x0 of the step before.
+    Few-step DDIM falls short of where the ODE goes (the demo's hearts beat too little); on the
+    demo's model 8 steps land where DDIM needs 20. diffusers' DPMSolverMultistepScheduler
+    with its defaults ("linspace" timesteps, midpoint, first order at the first and last steps,
+    sigma 0 at the end), bit for bit; like it, x0 is not clipped."""
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.clip = None
+        self.all_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    def set_timesteps(self, n):
+        """n timesteps rounded from linspace(0, N - 1, n + 1), descending, the last dropped."""
+        N = self.config["num_train_timesteps"]
+        if not (isinstance(n, int) and 1 <= n < N):  # n = N would repeat a timestep (h = 0)
+            raise ValueError(f"set_timesteps({n!r}): need an int in [1, {N - 1}] (DPMSolver)")
+        self.num_inference_steps = n
+        ts = (torch.arange(n + 1, dtype=torch.float64) * ((N - 1) / n)).round()  # numpy's
+        self.timesteps = ts.long().flip(0)[:-1]  # linspace, which torch's rounds differently
+        self.sigmas = torch.cat([self.all_sigmas[self.timesteps], torch.zeros(1)])  # sigma_K = 0
+        self.x0_before = None
+
+    def alpha_sigma_lambda(self, i):
+        """alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t and lambda at step i."""
+        alpha = 1 / ((self.sigmas[i] ** 2 + 1) ** 0.5)
+        sigma = self.sigmas[i] * alpha
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    def step(self, model_output, t, x_t, generator=None, return_x0=False):
+        """As DDIM.step, deterministic; the steps must come in the order of `.timesteps`."""
+        steps = self.timesteps.tolist()
+        if int(t) not in steps:
+            raise ValueError(f"t={int(t)} is not one of the timesteps set by set_timesteps")
+        i = steps.index(int(t))
+        a_s, s_s, lam_s = self.alpha_sigma_lambda(i)
+        a_t, s_t, lam_t = self.alpha_sigma_lambda(i + 1)
+        x0 = a_s * x_t - s_s * model_output  # v -> x0, in diffusers' order of operations
+        h = lam_t - lam_s
+        e = a_t * (torch.exp(-h) - 1.0)
+        x_prev = (s_t / s_s) * x_t.float() - e * x0  # first order (DDIM's step)
+        if 0 < i < len(steps) - 1:  # second order but at the first and the last step: the
+            r = (lam_s - self.alpha_sigma_lambda(i - 1)[2]) / h  # last step's h over this one's
+            x_prev = x_prev - 0.5 * e * ((1.0 / r) * (x0 - self.x0_before))
+        self.x0_before = x0
+        x_prev = x_prev.to(model_output.dtype)
+        return (x_prev, x0) if return_x0 else x_prev
+
 # --- training noise, EF dropout, masked MSE, guidance -------------------------------------------
 
 def offset_noise(x0, strength=0.1, generator=None):

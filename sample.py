@@ -44,8 +44,8 @@ arg("--config", help="ignored (model folders carry their config): the original's
 arg = parser.add_argument_group("sampling").add_argument
 arg("--num_samples", type=int, default=8, help="videos (default: %(default)s)")
 arg("--num_steps", type=int, default=64, help="denoising steps (default: %(default)s)")
-arg("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm (default, the original's) "
-    "or deterministic ddim")
+arg("--sampler", choices=("ddpm", "ddim", "dpm"), default="ddpm", help="ddpm (default, the "
+    "original's), deterministic ddim, or dpm (DPM-Solver++(2M): few steps, <= 999)")
 arg("--guidance", type=float, default=1.0, help="classifier-free guidance scale, 1 = off "
     "(default; the published model never saw a null EF)")
 arg("--guide_unet", help="autoguidance: the null-EF pass of --guidance from this weaker UNet (an "
@@ -89,6 +89,8 @@ def check_flags(args):
                           "0 <= min_lvef <= max_lvef <= 100 (EF in %)")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device {args.device}: CUDA is not available here (use cpu)")
+    if args.sampler == "dpm" and args.num_steps > 999:
+        raise SampleError(f"--num_steps {args.num_steps}: --sampler dpm takes at most 999")
     if args.guide_unet and args.guidance == 1:
         raise SampleError(f"--guide_unet {args.guide_unet}: guides only with --guidance != 1")
     if args.guide_unet and not os.path.exists(args.guide_unet):
@@ -202,7 +204,8 @@ def setup(args, device):
         frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
         shape=(C, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
         paths=list_conditioning(args.conditioning),
-        scheduler=diffusion.DDPM() if args.sampler == "ddpm" else diffusion.DDIM(eta=0.0),
+        scheduler=dict(ddpm=diffusion.DDPM, ddim=diffusion.DDIM, dpm=diffusion.DPMSolver)[
+            args.sampler](),
         amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
     job.scheduler.set_timesteps(args.num_steps)
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",

@@ -24,7 +24,7 @@ import PIL.ImageDraw
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def score(unet, args, out, guidance, sampler="ddim", steps=5, weak=None):
+def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None):
     """Samples args.samples videos from `unet` (the null-EF pass from `weak`, if given: sample.py
     --guide_unet) into out/ and returns evaluate.py's EF row."""
     run = [sys.executable, os.path.join(HERE, "sample.py"), "--unet", unet, "--vae", args.vae,
@@ -89,8 +89,8 @@ def curve(args):
         weak = os.path.join(args.run, f"checkpoint-{args.guide_step}") \
             if args.guide_step and step > args.guide_step else None
         ef = score(os.path.join(args.run, f"checkpoint-{step}"), args,
-                   os.path.join(args.out, f"step-{step}"), args.guidance, steps=args.steps,
-                   weak=weak)
+                   os.path.join(args.out, f"step-{step}"), args.guidance, args.sampler,
+                   args.steps, weak)
         points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60, "weak": weak,
                        "r": ef["ef_pearson_r"], "mae": ef["ef_mae"], "n": ef["ef_n"]})
         print(f"step {step:5d}  {points[-1]['minutes']:5.1f} min  r {points[-1]['r']:.3f}  "
@@ -102,12 +102,14 @@ def curve(args):
 
 
 def sweep(args):
-    """Classifier-free guidance 1 / 1.5 / 2 / 3 at DDIM 5 (the demo's steps); with --guide, the
-    same autoguided; then DDIM 10 / 20 / 50 and DDPM 64 at guidance 3 (autoguided if --guide)."""
-    cases = [(g, "ddim", 5, None) for g in (1.0, 1.5, 2.0, 3.0)]
-    cases += [(g, "ddim", 5, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
-    cases += [(3.0, sampler, steps, args.guide)
-              for sampler, steps in (("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddpm", 64))]
+    """Classifier-free guidance 1 / 1.5 / 2 / 3 with the demo's sampler (--sampler, --steps);
+    with --guide, the same autoguided; then at guidance 3 (autoguided if --guide) DPM-Solver++
+    5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
+    cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.5, 2.0, 3.0)]
+    cases += [(g, args.sampler, args.steps, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
+    cases += [(3.0, sampler, steps, args.guide) for sampler, steps in (
+        ("dpm", 5), ("dpm", 16), ("ddim", 5), ("ddim", 10), ("ddim", 20), ("ddim", 50),
+        ("ddpm", 64))]
     lines = ["| guidance | null-EF pass | sampler | steps | EF r | EF MAE |",
              "|---|---|---|---|---|---|"]
     for g, sampler, steps, weak in cases:
@@ -133,7 +135,9 @@ def main():
     p.add_argument("--out", required=True, help="where the videos and results go")
     p.add_argument("--samples", type=int, default=32, help="videos per point (default: 32)")
     p.add_argument("--guidance", type=float, default=3.0, help="curve: guidance (default: 3)")
-    p.add_argument("--steps", type=int, default=5, help="curve: DDIM steps (default: 5)")
+    p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
+                   help="curve, and sweep's guidance rows: sample.py --sampler (default: dpm)")
+    p.add_argument("--steps", type=int, default=8, help="with --sampler (default: 8)")
     p.add_argument("--guide-step", type=int, default=0, help="curve: later checkpoints are "
                    "autoguided by this one (sample.py --guide_unet; default: 0, none)")
     p.add_argument("--guide", help="sweep: a weaker checkpoint or model for autoguidance")
