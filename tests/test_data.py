@@ -176,6 +176,18 @@ def test_latent_dataset_items_are_resampled_windows(tmp_path):
         assert 0 <= item["cond"][0, 0, 0].item() < n
 
 
+def test_latent_dataset_cond_frame_first_is_the_windows_first_frame(tmp_path):
+    """cond_frame "first": cond is the window's first frame and everything else is the item
+    cond_frame "random" gives (the same draws)."""
+    latent_root(str(tmp_path), [150, 300])
+    random, first = (data.LatentVideoDataset(str(tmp_path), seed=5, cond_frame=c)
+                     for c in ("random", "first"))
+    for index in range(2):
+        a, b = random[index], first[index]
+        assert torch.equal(b["cond"], b["latents"][0]) and torch.equal(a["latents"], b["latents"])
+        assert not torch.equal(a["cond"], b["cond"])
+
+
 def test_latent_dataset_pads_a_latent_shorter_than_its_filelist(tmp_path):
     """Frames past the real ones are zero and n_real counts the real ones."""
     latent_root(str(tmp_path), [150])

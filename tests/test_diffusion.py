@@ -153,6 +153,32 @@ def test_ddim_loop_equals_diffusers(n, eta):
     assert torch.equal(ours, ref)
 
 
+def reference_dpm():
+    """diffusers' DPMSolverMultistepScheduler on the original's schedule, its own defaults."""
+    return diffusers.DPMSolverMultistepScheduler(**{k: REF_CONFIG[k] for k in (
+        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")})
+
+
+@needs_diffusers
+def test_dpm_solver_timesteps_and_sigmas_equal_diffusers():
+    """DPMSolver's "linspace" timesteps and sigmas equal diffusers' for every step count."""
+    for n in range(1, 1000):
+        ours, ref = diffusion.DPMSolver(), reference_dpm()
+        ours.set_timesteps(n), ref.set_timesteps(n)
+        assert torch.equal(ours.timesteps, ref.timesteps), n
+        assert torch.equal(ours.sigmas, ref.sigmas), n
+
+
+@needs_diffusers
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 25, 999])
+def test_dpm_solver_loop_equals_diffusers(n):
+    """A whole DPM-Solver++(2M) loop (first order first and last) equals diffusers' bit for bit,
+    twice in a row on the same scheduler (sample.py reuses it for every batch)."""
+    ours = diffusion.DPMSolver()
+    for _ in range(2):
+        assert torch.equal(sample_loop(ours, n, None), sample_loop(reference_dpm(), n, None, True))
+
+
 @needs_diffusers
 @pytest.mark.parametrize(
     "overrides",
@@ -375,6 +401,7 @@ def test_ema_state_dict_resume_continues_identically():
         (lambda: DDPM(beta_start=0.03, beta_end=0.02), "beta"),
         (lambda: DDPM().set_timesteps(1001), "1000"),
         (lambda: DDIM().set_timesteps(0), "set_timesteps"),
+        (lambda: diffusion.DPMSolver().set_timesteps(1000), "999"),
         (lambda: DDIM().step(torch.zeros(1), 999, torch.zeros(1)), "set_timesteps"),
         (lambda: diffusion.window_starts(100), "round"),
         (lambda: diffusion.merge_windows(torch.zeros(4, 64), 1, 192), "merge_windows"),

@@ -325,6 +325,7 @@ def test_image_conditioning_is_a_seeded_posterior_sample(folders, tmp_path):
     ("missing vae", "HReynaud/EchoNet-Synthetic"),
     ("min above max", "need 0 <= min_lvef <= max_lvef <= 100"),
     ("ef above 100", "need 0 <= min_lvef <= max_lvef <= 100"),
+    ("dpm 1000 steps", "--num_steps 1000: --sampler dpm takes at most 999"),
     ("settings changed", "other settings (seed 0 -> 1)"),
 ])
 def test_bad_input_gives_one_line_error(folders, tmp_path, capsys, case, message):
@@ -348,6 +349,8 @@ def test_bad_input_gives_one_line_error(folders, tmp_path, capsys, case, message
         extra = ["--min_lvef", "60", "--max_lvef", "40"]
     elif case == "ef above 100":
         extra = ["--max_lvef", "120"]
+    elif case == "dpm 1000 steps":
+        extra = ["--sampler", "dpm", "--num_steps", "1000"]
     elif case == "settings changed":  # a folder with a video of seed 0
         extra = ["--frames", "8", "--save_as", "pt", "--num_samples", "1"]
         sample.main(["--unet", str(unet), "--vae", str(vae), "--conditioning", str(cond),
@@ -359,6 +362,18 @@ def test_bad_input_gives_one_line_error(folders, tmp_path, capsys, case, message
     assert e.value.code not in (0, None)
     assert str(e.value).startswith("error: ") and message in str(e.value)
     assert "\n" not in str(e.value) and "Traceback" not in capsys.readouterr().err
+
+
+def test_dpm_sampler_runs_and_differs_from_ddim(folders, tmp_path):
+    """--sampler dpm writes finite latents over the same timesteps' count that differ from
+    DDIM's (its second-order steps), and records the sampler in the run's settings."""
+    for sampler in ("dpm", "ddim"):
+        run(folders, tmp_path / sampler, "--num_samples", "1", "--save_as", "pt",
+            "--sampler", sampler, "--num_steps", "3")
+    dpm, ddim = (torch.load(tmp_path / s / "pt" / "sample_000000.pt") for s in ("dpm", "ddim"))
+    assert torch.isfinite(dpm).all() and dpm.shape == ddim.shape and not torch.equal(dpm, ddim)
+    with open(tmp_path / "dpm" / "settings.json") as f:
+        assert json.load(f)["sampler"] == "dpm"
 
 
 def test_unknown_format_is_a_usage_error(capsys):
