@@ -155,7 +155,7 @@ class DPMSolver(_Scheduler):
     sigma 0 at the end), bit for bit; like it, x0 is not clipped."""
     def __init__(self, **overrides):
         super().__init__(**overrides)
-        self.clip = None
+        self.clip, self.config["clip_sample"] = None, False  # x0 not clipped, as diffusers'
         self.all_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
     def set_timesteps(self, n):
