@@ -18,12 +18,15 @@ VAE_STEPS ?= 600
 LVDM_STEPS ?= 300
 CURVE_EVERY ?= 100
 SAMPLES ?= 32
+# the LVDM's clips (configs/lvdm_phantom.json) and the sampled videos: 16 frames at 12 fps
+FRAMES ?= 16
+FPS ?= 12
 SAMPLER ?= dpm
 SAMPLE_STEPS ?= 8
-GUIDANCE ?= 3
+GUIDANCE ?= 4
 # demo-sweep's autoguided rows take the null-EF pass from the LVDM's checkpoint-$(GUIDE_STEP)
 GUIDE_STEP ?= 100
-REF_FPS ?= 16
+REF_FPS ?= $(FPS)
 SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
 # glibc gives every large freed tensor back to the system and page-faults it in again at the
 # next step; with these two thresholds it keeps them (40 LVDM steps: 1.75 M -> 0.58 M page faults,
@@ -43,11 +46,11 @@ demo:
 	    --batch-size 64 --mean
 	$(PY) train.py --config configs/lvdm_phantom.json --data $(DEMO)/phantom \
 	    --vae $(DEMO)/models/vae --out $(DEMO)/runs/lvdm --max-steps $(LVDM_STEPS) \
-	    --checkpoint-every $(CURVE_EVERY)
+	    --checkpoint-every $(CURVE_EVERY) --frames $(FRAMES) --fps $(FPS)
 	$(PY) export.py --checkpoint $(DEMO)/runs/lvdm --out $(DEMO)/models/lvdm --force
 	$(PY) sample.py --unet $(DEMO)/models/lvdm --vae $(DEMO)/models/vae \
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
-	    --batch_size $(SAMPLES) --frames 24 --fps 16 --sampler $(SAMPLER) \
+	    --batch_size $(SAMPLES) --frames $(FRAMES) --fps $(FPS) --sampler $(SAMPLER) \
 	    --num_steps $(SAMPLE_STEPS) --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 \
 	    --max_lvef 90 --save_as avi,gif,jpg
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
@@ -57,11 +60,13 @@ demo:
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
-	    --out $(DEMO)/curve --guidance $(GUIDANCE) --sampler $(SAMPLER) --steps $(SAMPLE_STEPS)
+	    --out $(DEMO)/curve --guidance $(GUIDANCE) --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
+	    --frames $(FRAMES) --fps $(FPS)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
 	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
+	    --frames $(FRAMES) --fps $(FPS) \
 	    --guide $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP)
 
 demo-long:

@@ -29,7 +29,7 @@ def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None):
     --guide_unet) into out/ and returns evaluate.py's EF row."""
     run = [sys.executable, os.path.join(HERE, "sample.py"), "--unet", unet, "--vae", args.vae,
            "--conditioning", args.data, "--output", out, "--num_samples", str(args.samples),
-           "--batch_size", str(args.samples), "--frames", "24", "--fps", "16",
+           "--batch_size", str(args.samples), "--frames", str(args.frames), "--fps", str(args.fps),
            "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
            "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg"]
     run += ["--guide_unet", weak] if weak else []
@@ -134,6 +134,9 @@ def main():
     p.add_argument("--vae", required=True, help="the VAE model folder")
     p.add_argument("--out", required=True, help="where the videos and results go")
     p.add_argument("--samples", type=int, default=32, help="videos per point (default: 32)")
+    p.add_argument("--frames", type=int, default=16, help="frames per video (default: 16, "
+                   "the demo's clips)")
+    p.add_argument("--fps", type=float, default=12.0, help="their frame rate (default: 12)")
     p.add_argument("--guidance", type=float, default=3.0, help="curve: guidance (default: 3)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
                    help="curve, and sweep's guidance rows: sample.py --sampler (default: dpm)")
