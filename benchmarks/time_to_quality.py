@@ -102,12 +102,12 @@ def curve(args):
 
 
 def sweep(args):
-    """Classifier-free guidance 1 / 1.5 / 2 / 3 with the demo's sampler (--sampler, --steps);
-    with --guide, the same autoguided; then at guidance 3 (autoguided if --guide) DPM-Solver++
+    """Classifier-free guidance 1 / 1.5 / 2 / 3 / 4 with the demo's sampler (--sampler, --steps);
+    with --guide, the same autoguided; then at --guidance (autoguided if --guide) DPM-Solver++
     5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
-    cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.5, 2.0, 3.0)]
+    cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.5, 2.0, 3.0, 4.0)]
     cases += [(g, args.sampler, args.steps, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
-    cases += [(3.0, sampler, steps, args.guide) for sampler, steps in (
+    cases += [(args.guidance, sampler, steps, args.guide) for sampler, steps in (
         ("dpm", 5), ("dpm", 16), ("ddim", 5), ("ddim", 10), ("ddim", 20), ("ddim", 50),
         ("ddpm", 64))]
     lines = ["| guidance | null-EF pass | sampler | steps | EF r | EF MAE |",
@@ -137,7 +137,8 @@ def main():
     p.add_argument("--frames", type=int, default=16, help="frames per video (default: 16, "
                    "the demo's clips)")
     p.add_argument("--fps", type=float, default=12.0, help="their frame rate (default: 12)")
-    p.add_argument("--guidance", type=float, default=3.0, help="curve: guidance (default: 3)")
+    p.add_argument("--guidance", type=float, default=4.0, help="curve, and sweep's sampler "
+                   "rows: guidance (default: 4, make demo's)")
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
                    help="curve, and sweep's guidance rows: sample.py --sampler (default: dpm)")
     p.add_argument("--steps", type=int, default=8, help="with --sampler (default: 8)")
