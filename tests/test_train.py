@@ -67,7 +67,8 @@ def assert_same(a, b, atol=0.0):
 
 
 def test_shipped_configs_resolve(capsys):
-    """Every configs/*.json resolves (--dry-run); lvdm.json is the paper run."""
+    """Every configs/*.json resolves (--dry-run); lvdm.json is the paper run; the Makefile
+    samples the demo's videos at lvdm_phantom.json's clip length and rate."""
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         assert run("--config", os.path.join(ROOT, "configs", name), "--dry-run") == 0, name
         cfg = json.loads(capsys.readouterr().out)
@@ -75,6 +76,10 @@ def test_shipped_configs_resolve(capsys):
             assert (cfg["preset"], cfg["frames"], cfg["batch_size"], cfg["batch_per_gpu"],
                     cfg["max_steps"], cfg["lr"], cfg["warmup"], cfg["ema_decay"]) == (
                 "lvdm", 64, 128, 16, 500_000, 1e-4, 500, 0.9999)
+        if name == "lvdm_phantom.json":  # make demo samples the clips its LVDM trained on
+            with open(os.path.join(ROOT, "Makefile")) as f:
+                make = dict(line.split(" ?= ") for line in f.read().splitlines() if " ?= " in line)
+            assert (float(make["FRAMES"]), float(make["FPS"])) == (cfg["frames"], cfg["fps"])
 
 
 def test_dry_run_merges_defaults_file_and_flags(capsys):
