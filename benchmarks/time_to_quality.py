@@ -103,11 +103,11 @@ def curve(args):
 
 def sweep(args):
     """Classifier-free guidance 1 / 1.5 / 2 / 3 / 4 with the demo's sampler (--sampler, --steps);
-    with --guide, the same autoguided; then at --guidance (autoguided if --guide) DPM-Solver++
-    5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
+    with --guide, the same autoguided; then at --guidance (the model itself, as make demo)
+    DPM-Solver++ 5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
     cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.5, 2.0, 3.0, 4.0)]
     cases += [(g, args.sampler, args.steps, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
-    cases += [(args.guidance, sampler, steps, args.guide) for sampler, steps in (
+    cases += [(args.guidance, sampler, steps, None) for sampler, steps in (
         ("dpm", 5), ("dpm", 16), ("ddim", 5), ("ddim", 10), ("ddim", 20), ("ddim", 50),
         ("ddpm", 64))]
     lines = ["| guidance | null-EF pass | sampler | steps | EF r | EF MAE |",
