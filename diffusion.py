@@ -249,17 +249,18 @@ def window_starts(frames, window=64, stride=32):
     return list(range(0, frames - window + 1, stride))
 
 def split_windows(x, window=64, stride=32):
-    """x [B, F, ...] -> [B*R, window, ...], batch-major: ef.repeat_interleave(R) fits (the original
-    stacked windows window-major, giving windows other videos' EFs). F <= window: x itself."""
+    """x [B, F, ...] -> [R*B, window, ...], window-major as the original stacks them (the same
+    batch layout: its UNet calls and ours round alike on every CPU); ef.repeat(R) fits (the
+    original's batch-major repeat gave windows other videos' EFs). F <= window: x itself."""
     F = x.shape[1]
     if F <= window:
         return x
     starts = torch.tensor(window_starts(F, window, stride), device=x.device)
     idx = starts[:, None] + torch.arange(window, device=x.device)  # [R, window] frame indices
-    return x[:, idx].flatten(0, 1)  # [B, R, window, ...] -> [B*R, window, ...]
+    return x[:, idx].transpose(0, 1).flatten(0, 1)  # [R, B, window, ...] -> [R*B, window, ...]
 
 def merge_windows(y, B, frames, window=64, stride=32):
-    """Window predictions y [B*R, window, ...] -> video [B, frames, ...]: window 0 whole, then
+    """Window predictions y [R*B, window, ...] -> video [B, frames, ...]: window 0 whole, then
     frames window-stride .. window-1 (32..63) of each later window (the original's rule)."""
     R = len(window_starts(frames, window, stride))
     if y.shape[0] != B * R or y.shape[1] != min(frames, window):
@@ -267,7 +268,7 @@ def merge_windows(y, B, frames, window=64, stride=32):
                          f"{(B * R, min(frames, window))}")
     if frames <= window:
         return y
-    y = y.reshape(B, R, window, *y.shape[2:])
+    y = y.reshape(R, B, window, *y.shape[2:]).transpose(0, 1)
     tails = y[:, 1:, window - stride :].flatten(1, 2)  # [B, (R-1)*stride, ...]
     return torch.cat([y[:, 0], tails], dim=1)  # [B, frames, ...]
 
@@ -301,12 +302,12 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
         scheduler.clip = scheduler.clip * residual
     x = randn((B, frames, C, h, w), generators, cond.device, torch.float32)
     R = len(window_starts(frames, window, stride))  # 192 frames -> 5
-    cond_w, ef_w = cond.repeat_interleave(R, 0), ef.repeat_interleave(R, 0)
+    cond_w, ef_w = cond.repeat(R, 1, 1, 1), ef.repeat(R)  # window-major, as split_windows
     guide = guidance != 1
     if guide:  # one doubled batch: [conditional; null EF]
         cond_w, ef_w = cond_w.repeat(2, 1, 1, 1), torch.cat([ef_w, torch.full_like(ef_w, NULL_EF)])
     for t in scheduler.timesteps:
-        x_w = split_windows(x, window, stride)  # [B*R, window, C, h, w]
+        x_w = split_windows(x, window, stride)  # [R*B, window, C, h, w]
         with amp or contextlib.nullcontext():
             if weak is None or not guide:
                 v = predict(unet, torch.cat([x_w, x_w]) if guide else x_w, cond_w, t, ef_w).float()

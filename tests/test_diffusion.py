@@ -301,18 +301,19 @@ def test_window_starts_concrete_numbers():
     assert [diffusion.round_frames(f) for f in (1, 32, 33, 100, 192)] == [32, 32, 64, 128, 192]
 
 
-def test_split_windows_batch_major_and_merge_rule():
-    """split gives [B*R, 64, ...] batch-major; merge takes window 0 whole then frames 32-63."""
+def test_split_windows_window_major_and_merge_rule():
+    """split gives [R*B, 64, ...] window-major (the original's layout); merge takes window 0
+    whole then frames 32-63 of each later window of the same video."""
     B, frames = 2, 192
     x = torch.arange(B * frames).view(B, frames, 1).float()  # value = video * 192 + frame
     w = diffusion.split_windows(x)
     assert w.shape == (B * 5, 64, 1)
-    assert w[:, 0, 0].tolist() == [0, 32, 64, 96, 128, 192, 224, 256, 288, 320]
+    assert w[:, 0, 0].tolist() == [0, 192, 32, 224, 64, 256, 96, 288, 128, 320]
     assert torch.equal(diffusion.merge_windows(w, B, frames), x)  # merge(split(x)) = x
     # Which window each output frame comes from: tag every window with its index.
     tags = torch.arange(B * 5).view(-1, 1, 1).expand(-1, 64, 1).float()
     source = diffusion.merge_windows(tags, B, frames)[0, :, 0]
-    expected = [0] * 64 + [1] * 32 + [2] * 32 + [3] * 32 + [4] * 32
+    expected = [0] * 64 + [2] * 32 + [4] * 32 + [6] * 32 + [8] * 32  # video 0: windows 0, 2, ..
     assert source.tolist() == expected
 
 
