@@ -250,7 +250,7 @@ def window_starts(frames, window=64, stride=32):
 
 def split_windows(x, window=64, stride=32):
     """x [B, F, ...] -> [R*B, window, ...], window-major as the original stacks them (the same
-    batch layout: its UNet calls and ours round alike on every CPU); ef.repeat(R) fits (the
+    batch layout, so its UNet call and ours round alike); ef.repeat(R) fits (the
     original's batch-major repeat gave windows other videos' EFs). F <= window: x itself."""
     F = x.shape[1]
     if F <= window:
