@@ -65,17 +65,16 @@ def export(checkpoint, out=None, weights="ema", force=False):
     return out, checkpoint
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="out/lvdm", help="a training run folder (its "
-                        "newest complete checkpoint) or a checkpoint-<step>/ folder (default: "
-                        "%(default)s, train.py's default run folder)")
-    parser.add_argument("--out", default=None, help="model folder to write (default: models/lvdm "
-                        "for a UNet, models/vae for a VAE: the paths sample.py reads)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="export the EMA weights (default, as the original) or the raw ones")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/lvdm", help="a run folder (its newest complete "
+                   "checkpoint) or a checkpoint-<step>/ folder (default: %(default)s, train.py's)")
+    p.add_argument("--out", help="model folder to write (default: models/lvdm for a UNet, "
+                   "models/vae for a VAE: the paths sample.py reads)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="export the EMA weights (default, as the original) or the raw ones")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
     try:
         out, checkpoint = export(args.checkpoint, args.out, args.weights, args.force)
     except (model.ModelLoadError, OSError) as e:
@@ -300,12 +299,11 @@ def convert_detector(path, out_dir="models/detectors", log=print):
     out = os.path.join(out_dir, evaluate.FILES[name])
     try:
         with safe_open(out, "pt") as f:
-            keep = "output.weight" not in state and "output.weight" in f.keys()
-    except Exception:                                         # none yet, or unreadable
-        keep = False
-    if keep:
-        log(f"  kept {out}: it has the IS layer, this file has not")
-        return out
+            if "output.weight" not in state and "output.weight" in f.keys():
+                log(f"  kept {out}: it has the IS layer, this file has not")
+                return out
+    except Exception:                                         # none yet, or unreadable: write
+        pass
     os.makedirs(out_dir, exist_ok=True)
     with open(out + ".tmp", "wb") as f:          # save_file() would write mode 0600: the umask's
         f.write(save(state, {**meta, "source": os.path.basename(path)}))

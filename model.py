@@ -474,9 +474,8 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         c = self.config = config
         ch, g, k = c.block_out_channels, c.norm_num_groups, c.latent_channels
-        kinds, n = (set(c.down_block_types), set(c.up_block_types), c.act_fn), len(ch)
-        if kinds != ({"DownEncoderBlock2D"}, {"UpDecoderBlock2D"}, "silu") or len(
-                c.down_block_types) != n:
+        kinds, n = (tuple(c.down_block_types), tuple(c.up_block_types), c.act_fn), len(ch)
+        if kinds != (("DownEncoderBlock2D",) * n, ("UpDecoderBlock2D",) * n, "silu"):
             raise ValueError(f"unsupported VAE {kinds}: this one has DownEncoderBlock2D, "
                              "UpDecoderBlock2D (one per block_out_channels entry) and silu only")
         # Encoder (a container with diffusers' names): image -> a block per resolution, all but
@@ -533,7 +532,6 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 CLASSES = {cls.class_name: (cls, cfg) for cls, cfg in
            [(UNetSpatioTemporal, UNetConfig), (AutoencoderKL, VAEConfig)]}
-LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 CHECKPOINT_FILES = ("model.pt", "ema.pt", "optimizer.pt", "scaler.pt", "trainer.pt",
                     "model_config.json", "training_config.json")
 
@@ -620,20 +618,10 @@ def load_model(path: str, expect: str | None = None) -> nn.Module:
         raise ModelLoadError(f"{path}: " + ("no config.json in the model folder"
                                             if os.path.isdir(path) else "model folder not found"))
     model = build(config_file, expect)
-    found = [os.path.join(path, f) for f in (WEIGHTS_NAME, WEIGHTS_NAME_BIN)
-             if os.path.isfile(os.path.join(path, f))]
-    if not found:
-        raise ModelLoadError(
-            f"{path}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
-    # Before diffusers 0.14 the VAE's mid-block attention named its layers query, key, value and
-    # proj_attn (mid_block.attentions.0.query.weight); diffusers renames them on load, as we do.
-    renamed, state = {}, torch_load(found[0])
-    for key, value in (state.items() if isinstance(state, dict) else []):
-        parts = key.split(".")
-        if "mid_block" in parts[:-2] and parts[-2] in LEGACY_ATTENTION:
-            parts[-2] = LEGACY_ATTENTION[parts[-2]]
-        renamed[".".join(parts)] = value
-    return load_weights(model, renamed, found[0], config_file)
+    for file in (os.path.join(path, f) for f in (WEIGHTS_NAME, WEIGHTS_NAME_BIN)):
+        if os.path.isfile(file):
+            return load_weights(model, torch_load(file), file, config_file)
+    raise ModelLoadError(f"{path}: no weights found (no {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN})")
 
 def remove_folder(path: str):
     """Deletes a folder renamed .tmp-removed-<name> first: a crash never leaves a half-deleted

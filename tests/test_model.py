@@ -235,18 +235,21 @@ def test_load_ignores_unknown_config_keys_and_defaults_missing_ones(tmp_path):
     assert vae.config.use_quant_conv and vae.config.mid_block_add_attention
 
 
-def test_load_reads_bin_weights_and_legacy_attention_names(tmp_path):
-    """A .bin fallback (weights_only) with pre-0.14 VAE attention names loads."""
+def test_load_reads_bin_weights(tmp_path):
+    """A .bin fallback (weights_only) loads; pre-0.14 VAE attention names are refused by name."""
     torch.manual_seed(0)
     vae = M.AutoencoderKL(M.VAE_PRESETS["tiny"])
     vae.save_pretrained(str(tmp_path))
     state = load_file(tmp_path / M.WEIGHTS_NAME)
     os.remove(tmp_path / M.WEIGHTS_NAME)
-    legacy = {k.replace(".to_q.", ".query.").replace(".to_out.0.", ".proj_attn."): v
-              for k, v in state.items()}
-    torch.save(legacy, tmp_path / M.WEIGHTS_NAME_BIN)
+    torch.save(state, tmp_path / M.WEIGHTS_NAME_BIN)
     loaded = M.load_model(str(tmp_path))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    legacy = {k.replace(".to_q.", ".query."): v for k, v in state.items()}
+    torch.save(legacy, tmp_path / M.WEIGHTS_NAME_BIN)
+    with pytest.raises(M.ModelLoadError, match="unexpected keys: decoder.mid_block.attentions.0"
+                                               ".query.bias"):
+        M.load_model(str(tmp_path))
 
 
 def write_unet_folder(path, state_edit=None):
