@@ -98,10 +98,9 @@ class DDPM(_Scheduler):
         t = int(t)
         if t not in self.timesteps.tolist():
             raise ValueError(f"t={t} is not one of the timesteps set by set_timesteps")
-        later = self.timesteps[self.timesteps < t]  # .timesteps descend
-        prev_t = int(later[0]) if len(later) else -1
+        later = self.timesteps[self.timesteps < t]  # .timesteps descend: prev_t = later[0]
         a_t = self.alphas_cumprod[t]
-        a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        a_p = self.alphas_cumprod[int(later[0])] if len(later) else self.one
         b_t, b_p = 1 - a_t, 1 - a_p
         # A jump t -> prev_t is one step of alpha = a_t / a_p (Nichol & Dhariwal 2021, Sec. 4).
         alpha, beta = a_t / a_p, 1 - a_t / a_p
@@ -195,7 +194,6 @@ class DPMSolver(_Scheduler):
         return (x_prev, x0) if return_x0 else x_prev
 
 # --- training noise, EF dropout, masked MSE, guidance -------------------------------------------
-
 def offset_noise(x0, strength=0.1, generator=None):
     """randn_like(x0) + strength * randn(B, 1, C, 1, 1) for x0 [B, F, C, H, W] (Guttenberg 2023)."""
     if x0.ndim != 5:
@@ -273,7 +271,6 @@ def merge_windows(y, B, frames, window=64, stride=32):
     return torch.cat([y[:, 0], tails], dim=1)  # [B, frames, ...]
 
 # --- the LVDM: its UNet call, its sampling loop and its training loss -----------------------------
-
 def predict(unet, x_t, cond, t, ef):
     """The UNet's v for x_t [B, F, C, h, w] as the original calls it: cond [B, C, h, w] on channels,
     ef [B] as a [B, 1, 1] token, replicate-padded to a multiple of 8 (14 -> 16) and cropped."""
@@ -303,8 +300,7 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
     x = randn((B, frames, C, h, w), generators, cond.device, torch.float32)
     R = len(window_starts(frames, window, stride))  # 192 frames -> 5
     cond_w, ef_w = cond.repeat(R, 1, 1, 1), ef.repeat(R)  # window-major, as split_windows
-    guide = guidance != 1
-    if guide:  # one doubled batch: [conditional; null EF]
+    if guide := guidance != 1:  # one doubled batch: [conditional; null EF]
         cond_w, ef_w = cond_w.repeat(2, 1, 1, 1), torch.cat([ef_w, torch.full_like(ef_w, NULL_EF)])
     for t in scheduler.timesteps:
         x_w = split_windows(x, window, stride)  # [R*B, window, C, h, w]
@@ -347,7 +343,6 @@ def lvdm_loss(unet, scheduler, x0, cond, ef, n_real, generators, ef_dropout=0.1,
     return masked_mse(v_pred, v, n_real)
 
 # --- EMA of the weights ------------------------------------------------------------------------
-
 def ema_decay(step, max_decay=0.9999):
     """diffusers EMAModel's default decay after step k (1-based): 0 for k = 1, then (1 + s) /
     (10 + s), s = k - 1, up to max_decay: k = 2 -> 0.1818, 1000 -> 0.99108, >= 89 991 -> cap."""

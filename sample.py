@@ -80,7 +80,6 @@ HINTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ ->
 SampleError = data.DataError  # bad input: the message names the flag or file and what is wrong
 
 # --- inputs ------------------------------------------------------------------------------------
-
 def check_flags(args):
     """Numbers out of range, and everything a fresh checkout lacks (in one message)."""
     data.check_ranges(vars(args), RANGES, dash="_")
@@ -218,7 +217,6 @@ def setup(args, device):
     return job
 
 # --- outputs -----------------------------------------------------------------------------------
-
 def output_path(out, fmt, index):
     """<out>/jpg/sample_000000 (a frame folder) or <out>/avi/sample_000000.avi."""
     name = f"sample_{index:06d}"
@@ -281,7 +279,6 @@ def write_filelist(args, job, formats):
     print(f"{len(rows)} videos of {job.frames} frames in {args.output} ({', '.join(formats)})")
 
 # --- main --------------------------------------------------------------------------------------
-
 def run(args, formats):
     check_flags(args)
     # Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process takes cuda:LOCAL_RANK and

@@ -38,7 +38,6 @@ import diffusion
 import model
 
 # --- config: the paper run (EchoNet-Synthetic's echosyn/lvdm/configs/default.yaml) ---------------
-
 CONFIG = dict(  # key=(default, what it is)
     # main
     model=("unet", "what to train: the LVDM's UNet, or 'vae' (the phantom demo's VAE)"),
@@ -148,7 +147,6 @@ def resolve_config(argv=None):
     return cfg, args.dry_run
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
-
 def setup_device(cfg):
     """(device, rank, world size, autocast context, grad scaler, precision). torchrun sets RANK,
     WORLD_SIZE and LOCAL_RANK, and each process joins the group (NCCL on GPUs, gloo on the CPU);
@@ -255,7 +253,6 @@ def loss_of(net, batch, generators, cfg, amp, device):
     return rec + cfg["kl_weight"] * kl.mean() / x[0].numel()
 
 # --- the run folder: resume, log, checkpoints ---------------------------------------------------
-
 def resume(cfg, net, ema, opt, scaler, log):
     """The step to start from: 0, or that of the checkpoint --resume names (latest: the run
     folder's newest complete one, model.list_checkpoints) once its model, EMA, optimizer and
@@ -319,7 +316,6 @@ def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
                             "checkpoints are intact") from None
 
 # --- previews ------------------------------------------------------------------------------------
-
 def latent_pixels(z, vae):
     """Latents [..., C, h, w] -> uint8 frames [..., 8h, 8w, 3]: decoded by the VAE (data.decode),
     or without one, channels 0-2 mapped from [-2, 2] to 0..255 and enlarged 8x."""
@@ -373,7 +369,6 @@ def preview(ema, path, example, vae, cfg, amp, device):
     data.write_whole(path + ".png", lambda tmp: png.save(tmp, format="PNG"))
 
 # --- training ------------------------------------------------------------------------------------
-
 def train(cfg):
     """The whole run, on every process."""
     # Setup: processes, batch arithmetic, precision, data, model, resume, run folder, previews.
@@ -501,8 +496,7 @@ def main(argv=None):
         # One line, no traceback. A DataLoader worker's error arrives with the worker's traceback
         # in its message: keep its last line, and print it from whichever process met it.
         message = data.os_error(e) if isinstance(e, OSError) else str(e).strip()
-        from_worker = "Original Traceback" in message
-        if from_worker:
+        if from_worker := "Original Traceback" in message:
             message = message.splitlines()[-1].split(": ", 1)[-1]
         if rank == 0 or from_worker:
             print(f"error: {message}", file=sys.stderr)
