@@ -24,7 +24,7 @@ FORMATS = [("whole video", 0, 0), ("16 frames @ 12 fps", 16, 12), ("24 frames @ 
 
 
 def degrade(video, rng):
-    """Blur 1.5 px, gray offset 15, contrast 0.8, a tint and noise sigma 10 (tests/test_data.py's)."""
+    """Blur 1.5 px, gray offset 15, contrast 0.8, a tint, noise sigma 10 (as tests/test_data.py)."""
     worse = 15 + 0.8 * ndimage.gaussian_filter(video.astype(np.float32), (0, 1.5, 1.5, 0))
     worse = worse * np.array([1.0, 0.9, 0.8]) + rng.normal(0, 10, video.shape)
     return np.clip(worse, 0, 255).astype(np.uint8)
