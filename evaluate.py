@@ -48,8 +48,6 @@ parser.add_argument("--metrics", default="fvd2048_16f,fvd2048_128f,fid50k_full,i
                     "too (fvd64_16f, fid500_full, is2k); 'ef': EF adherence of phantom videos")
 parser.add_argument("--resolution", type=int, default=112, help="every frame's size")
 parser.add_argument("--seed", type=int, default=0, help="real FVD clip offsets (StyleGAN-V: none)")
-parser.add_argument("--runs", type=int, default=1, help="spread over K real-offset draws, seeds "
-                    "seed..seed+K-1 (StyleGAN-V's --num_runs repeats one cached draw)")
 parser.add_argument("--detectors", default="models/detectors", help="`export.py detectors --out`")
 parser.add_argument("--out", default="metrics.jsonl", help="append one JSON line per metric")
 parser.add_argument("--cache-dir", default=os.path.join(os.environ.get(
@@ -555,23 +553,22 @@ def parse_metric(name):
             return kind, int(m[1]) * (1000 if kind != "fvd" and m[2] else 1) if m.groups() else 0
     raise EvalError(f"--metrics: unknown metric {name!r}; known: {list(METRICS.values())}")
 
-def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112,
-                cache_dir=None, **loader):
-    """[{'fid50k_full': 12.3}, ...] per seed; `detector(name)` gives the network. Only FVD
-    uses the seed: fake statistics first (a short video fails early), then real per seed."""
+def calc_metric(name, fake, real=None, detector=None, seed=0, resolution=112, cache_dir=None,
+                **loader):
+    """{'fid50k_full': 12.3} (IS: mean and std); `detector(name)` gives the network. Only FVD
+    uses the seed (real clip offsets); fake statistics come first (a short video fails early)."""
     (kind, count), kw = parse_metric(name), dict(resolution=resolution, **loader)
     if kind == "fvd":                       # N fake clips from frame 0 vs N real clips
         net, n = detector("i3d"), int(re.fullmatch(METRICS["fvd"], name)[2])
         fake = clip_stats(fake, n, count, net, False, **kw)
-        return [{name: frechet_distance(*fake, *clip_stats(real, n, count, net, True, seed,
-                                                           cache_dir=cache_dir, **kw))}
-                for seed in seeds]
+        return {name: frechet_distance(*fake, *clip_stats(real, n, count, net, True, seed,
+                                                          cache_dir=cache_dir, **kw))}
     if kind == "fid":                       # the first N fake frames vs all real frames
         fake = image_stats(fake, count, detector("inception"), 32, "fid fake", **kw)
         real = image_stats(real, None, detector("inception"), 64, "fid real", **kw,
                            cache_dir=cache_dir)
-        result = {name: frechet_distance(*fake, *real)}
-    elif kind == "is":                      # softmax without output bias, 10 splits
+        return {name: frechet_distance(*fake, *real)}
+    if kind == "is":                      # softmax without output bias, 10 splits
         dataset = first_images(fake, count, resolution, f"is fake frames ({fake}); splits "
                                "keep the nominal bounds as in StyleGAN-V, so the last are "
                                "short or empty (NaN)")
@@ -583,18 +580,14 @@ def calc_metric(name, fake, real=None, detector=None, seeds=(0,), resolution=112
             parts = [torch.empty_like(probs) for _ in range(G)]
             dist.all_gather(parts, probs)
             probs = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]
-        result = dict(zip((name + "_mean", name + "_std"),
-                          inception_score(probs.cpu().numpy(), count, 10)))
-    else:
-        result = ef_metric(fake, real, loader.get("progress", False))
-    return [result] * len(seeds)
+        return dict(zip((name + "_mean", name + "_std"),
+                        inception_score(probs.cpu().numpy(), count, 10)))
+    return ef_metric(fake, real, loader.get("progress", False))
 
 # --- main ------------------------------------------------------------------------------------
 def check_request(args, names, detector):
     """Fail before any long computation (names, folders, weights, IS without its layer)."""
     check_folder(args.fake, "--fake")
-    if args.runs < 1:
-        raise EvalError("--runs must be at least 1")
     for kind, _ in map(parse_metric, names):
         if kind in ("fid", "fvd"):
             check_folder(args.real, "--real")
@@ -622,33 +615,26 @@ def run(args):
     names = [m for m in args.metrics.split(",") if m]
     detector = functools.cache(lambda name: load_detector(name, args.detectors, device))
     check_request(args, names, detector)
-    table, (rank, world), std = [], rank_world(), args.runs > 1
+    table, (rank, world) = [], rank_world()
     for name in names:
         start = time.time()
-        runs = calc_metric(name, args.fake, args.real, detector,
-                           range(args.seed, args.seed + args.runs), args.resolution,
-                           None if args.no_cache else args.cache_dir,
-                           workers=args.workers, progress=not args.no_progress)
-        table += [(k, float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                  for k in runs[0]]
-        results, seconds = runs[0], time.time() - start
-        if std:                  # StyleGAN-V's --num_runs layout: <key>_runNN, _mean, _std
-            results = {f"{key}_run{i + 1:02d}": r[key] for i, r in enumerate(runs) for key in r}
-            results.update({f"{k}_{s}": v for k, *ms in table[-len(runs[0]):]
-                            for s, v in zip(("mean", "std"), ms)})
+        results = calc_metric(name, args.fake, args.real, detector, args.seed, args.resolution,
+                              None if args.no_cache else args.cache_dir,
+                              workers=args.workers, progress=not args.no_progress)
+        table += [(k, float(v)) for k, v in results.items()]
+        seconds = time.time() - start
         line = json.dumps(dict(results=results, metric=name, total_time=seconds,
                                total_time_str=f"{seconds:.0f}s", num_gpus=world, real=args.real,
-                               fake=args.fake, seed=args.seed, runs=args.runs,
-                               timestamp=time.time()))
+                               fake=args.fake, seed=args.seed, timestamp=time.time()))
         if rank == 0:
             print(line, flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
     if rank == 0:
-        print(f"\n{'metric':<20s} {'value':>14s}" + (f" {'std over runs':>14s}" if std else ""))
-        for key, mean, sd in table:
-            print(f"{key:<20s} {mean:14.4f}" + (f" {sd:14.4f}" if std else ""))
+        print(f"\n{'metric':<20s} {'value':>14s}")
+        for key, value in table:
+            print(f"{key:<20s} {value:14.4f}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return table

@@ -9,9 +9,9 @@ A generated set can only be judged against what two real sets of the same size s
 each other. This writes StyleGAN-V reference folders (`data.py reference`: resampled to `--fps`,
 gray as 3 channels, 112x112) of N TEST phantoms (`--fake-frames` each: the "fake" side, FVD
 clips from frame 0) and of N TRAIN phantoms (`--real-frames` each: the real side, FVD clips at
-seeded offsets, so --runs K draws K offset sets; with as many frames as a clip there is one
-offset and no spread), then runs evaluate.py on them: FID over every frame, FVD over one clip
-of `--fake-frames` per video (fvd{N}_16f, fvd{N}_128f). A phantom qualifies for a side when it
+seeded offsets: --runs K runs evaluate.py with seeds 0..K-1, K offset sets; with as many frames
+as a clip there is one offset and no spread): FID over every frame, FVD over one clip of
+`--fake-frames` per video (fvd{N}_16f, fvd{N}_128f). A phantom qualifies for a side when it
 lasts at least that side's frames / fps seconds (data.make_reference skips shorter ones, as the
 original does; phantoms last 2-5.6 s); N is the smaller count, cut to `--videos`. With few
 videos both metrics are dominated by their small-sample bias (covariances of rank N - 1 in 2048
@@ -22,6 +22,8 @@ setting: folders already of the right length are kept.
 import argparse
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
@@ -87,13 +89,17 @@ def main(args):
     reference(args.phantom, "TRAIN", real, args.real_frames, args.fps, n)
     print(f"{n} TEST videos ({args.fake_frames} frames) against {n} TRAIN videos "
           f"({args.real_frames} frames), {args.fps:g} fps")
-    metrics = [f"fvd{n}_{args.fake_frames}f"]
-    if not args.no_fid:
-        metrics.insert(0, f"fid{args.fake_frames * n}_full")
-    evaluate.main(["--real", real, "--fake", fake, "--metrics", ",".join(metrics),
-                   "--runs", str(args.runs), "--detectors", args.detectors, "--no-cache",
-                   "--workers", str(args.workers), "--out", os.path.join(args.out,
-                                                                         "results.jsonl")])
+    fvd, values = f"fvd{n}_{args.fake_frames}f", []
+    # FID does not depend on the seed; FVD's real clip offsets do: one evaluate.py run per seed.
+    for seed in range(args.runs):
+        metrics = [fvd] if seed or args.no_fid else [f"fid{args.fake_frames * n}_full", fvd]
+        table = evaluate.main(["--real", real, "--fake", fake, "--metrics", ",".join(metrics),
+                               "--seed", str(seed), "--detectors", args.detectors, "--no-cache",
+                               "--workers", str(args.workers), "--out",
+                               os.path.join(args.out, "results.jsonl")])
+        values.append(dict(table)[fvd])
+    print(f"{fvd} over {args.runs} real-offset draws (seeds 0..{args.runs - 1}): "
+          f"{np.mean(values):.1f} +- {np.std(values):.1f}")
 
 
 if __name__ == "__main__":

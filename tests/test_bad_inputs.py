@@ -304,8 +304,6 @@ CASES = [
      "{t}/det/inception-2015-12-05.safetensors: not a readable safetensors file"),
     ("evaluate-missing-fake", "evaluate.py", EVAL + "--fake {t}/nowhere --metrics ef", None,
      "--fake"),
-    ("evaluate-zero-runs", "evaluate.py", EVAL + "--fake {w}/samples/jpg --metrics ef --runs 0",
-     None, "--runs"),
 ]
 MESSAGES = {}  # id -> the message seen, paths as placeholders (for docs/bad_inputs.md)
 

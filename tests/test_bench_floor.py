@@ -33,10 +33,12 @@ def world(tmp_path_factory):
 
 
 def run(bench, monkeypatch, *argv):
-    """main() with evaluate.main recorded, not run; returns its argv as a dict."""
+    """main() with evaluate.main recorded, not run; returns its first argv as a dict (--runs 1:
+    the only one)."""
     calls = []
-    monkeypatch.setattr(bench.evaluate, "main", calls.append)
-    bench.main(bench.parser.parse_args(list(argv)))
+    monkeypatch.setattr(bench.evaluate, "main", lambda a: calls.append(a) or [
+        (m, 1.0) for m in a[a.index("--metrics") + 1].split(",")])
+    bench.main(bench.parser.parse_args(["--runs", "1", *argv]))
     (args,) = calls
     return dict(zip(args[::2], args[1::2]))
 

@@ -708,7 +708,7 @@ def test_fid_and_is_read_the_first_frames_in_sorted_order(coded):
     E.image_stats(real, None, spy, 64, "fid real", resolution=16)
     assert sum(s[0].shape[0] for s in spy.seen) == 20 + 14 + 22 + 16 + 9     # all real frames
     spy.seen.clear()
-    (result,) = E.calc_metric("is60", fake, real, spies(inception=spy), resolution=16)
+    result = E.calc_metric("is60", fake, real, spies(inception=spy), resolution=16)
     mean, std = result.values()
     probs = spy(torch.cat([s[0] for s in spy.seen]), no_output_bias=True).numpy()
     assert len(probs) == 60 and spy.seen[0][1] == dict(no_output_bias=True)
@@ -844,18 +844,16 @@ def test_fid_is_end_to_end(detectors, tmp_path, capsys):
 @pytest.mark.slow
 def test_fvd128_end_to_end(detectors, tmp_path, capsys):
     """FVD128 on 112x112 folders: 128-frame clips, a shorter real video dropped; with the kept
-    real video exactly 128 frames long its offset is 0 for every seed: --runs 2 agree."""
+    real video exactly 128 frames long its offset is 0 for every seed: seeds 0 and 1 agree."""
     real, fake = tmp_path / "real", tmp_path / "fake"
     noise_video(str(real / "v0"), 100, seed=0)                # dropped: fewer than 128 frames
     noise_video(str(real / "v1"), 128, seed=1)
     noise_video(str(fake / "sample_000000"), 130, seed=2)
-    records = run_cli(capsys, "--real", str(real), "--fake", str(fake), "--detectors",
-                      detectors, "--metrics", "fvd1_128f", "--no-cache", "--out", "",
-                      "--runs", "2", "--workers", "0", "--no-progress")
-    res = records[0]["results"]
-    assert set(res) == {"fvd1_128f_run01", "fvd1_128f_run02", "fvd1_128f_mean",
-                        "fvd1_128f_std"}
-    assert np.isfinite(res["fvd1_128f_mean"]) and res["fvd1_128f_std"] == 0
+    res = [run_cli(capsys, "--real", str(real), "--fake", str(fake), "--detectors", detectors,
+                   "--metrics", "fvd1_128f", "--no-cache", "--out", "", "--seed", seed,
+                   "--workers", "0", "--no-progress")[0]["results"] for seed in ("0", "1")]
+    assert set(res[0]) == {"fvd1_128f"}
+    assert np.isfinite(res[0]["fvd1_128f"]) and res[0] == res[1]
 
 
 # --- several processes (gloo on CPU) ---------------------------------------------------------
@@ -863,7 +861,7 @@ def test_fvd128_end_to_end(detectors, tmp_path, capsys):
 def _dist_worker(rank, world, init, real, fake, out):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     nets = spies(inception=Spy(), i3d=Spy())
-    results = {k: E.calc_metric(name, fake, real, nets, resolution=16)[0]
+    results = {k: E.calc_metric(name, fake, real, nets, resolution=16)
                for k, name in [("fid", "fid45_full"), ("is", "is41"), ("fvd", "fvd3_16f")]}
     if rank == 0:
         with open(out, "w") as f:
@@ -879,7 +877,7 @@ def test_several_processes_give_the_single_process_numbers(coded, tmp_path):
     with open(out) as f:
         several = json.load(f)
     nets = spies(inception=Spy(), i3d=Spy())
-    single = {k: E.calc_metric(name, fake, real, nets, resolution=16)[0]
+    single = {k: E.calc_metric(name, fake, real, nets, resolution=16)
               for k, name in [("fid", "fid45_full"), ("is", "is41"), ("fvd", "fvd3_16f")]}
     assert several["is"] == single["is"]                      # same rows in the same order
     for key in ("fid", "fvd"):                                # float64 sums, other order
@@ -918,7 +916,7 @@ def test_ef_metric_reads_sampler_jpg_folders(phantoms, tmp_path):
     data.write_filelist(str(tmp_path / "FileList.csv"), rows)
     table = E.main(["--fake", str(tmp_path / "jpg"), "--metrics", "ef", "--out", "",
                     "--no-progress"])
-    assert dict((k, v) for k, v, _ in table)["ef_mae"] <= 3
+    assert dict(table)["ef_mae"] <= 3
 
 
 def test_ef_metric_errors_name_the_missing_filelist(tmp_path):
