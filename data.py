@@ -52,13 +52,9 @@ def _video_path(root, name):
     return os.path.join(root, "Videos", name + ".avi")
 
 def read_filelist(root, probe=True):
-    """Rows of `<root>/FileList.csv` as dicts, numbers parsed, Split in TRAIN/VAL/TEST.
-
-    EchoNet-Pediatric is normalised as the original's `complete_pediatrics_filelist.py` does:
-    Split holds a fold 0..9 -> folds 0-7 TRAIN, 8 VAL, 9 TEST, the fold kept in a `Fold` column,
-    `.avi` stripped from FileName. With `probe`, missing FrameHeight/FrameWidth/FPS/NumberOfFrames
-    are read from `<root>/Videos/<FileName>.avi`; without it they stay None.
-    """
+    """Rows of `<root>/FileList.csv` as dicts, numbers parsed, Split in TRAIN/VAL/TEST; Pediatric's
+    folds 0..9 mapped as the original's `complete_pediatrics_filelist.py` does (docs/data.md). With
+    `probe`, missing frame columns are read from the videos; without it they stay None."""
     path = os.path.join(root, "FileList.csv")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no FileList.csv (expected the EchoNet layout)")
@@ -142,6 +138,17 @@ def check_ranges(values, ranges, dash="-"):
 def os_error(e):
     """One line for an OSError that no writer above named: the file and what went wrong."""
     return f"{e.filename}: {e.strerror}" if e.filename else f"{e.strerror or e}"
+
+def join_processes(device):
+    """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) a process on
+    GPUs takes cuda:LOCAL_RANK, and each joins the process group: nccl on GPUs, gloo on CPUs."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 @contextlib.contextmanager
 def locked(folder, flag):
@@ -284,15 +291,11 @@ def resample_indices(n, fps, target=32, phase=0):
 # --- datasets ------------------------------------------------------------------------------------
 
 class LatentVideoDataset(torch.utils.data.Dataset):
-    """Latent echo clips for LVDM training, as the original's `Latent` dataset: the `split`
-    videos of every root's FileList.csv with a `Latents/<FileName>.pt` ([T, 4, 14, 14], scaled;
-    rows without one are left out with a warning) longer than frames / fps seconds (2 s).
-    An item: {"latents": [frames, 4, 14, 14], a random window of the video resampled to `fps`
-    with a random phase, zero-padded; "cond": [4, 14, 14], a random frame of the whole video
-    (cond_frame "first": the window's first frame, so the clip starts from it);
-    "ef": EF / 100; "n_real": int64; "name"}, drawn from a generator seeded (seed, epoch, index),
-    whatever the workers or the order. Call `set_epoch` before each epoch's iterator (workers
-    copy the dataset when they start, so not with persistent_workers=True)."""
+    """Latent echo clips for LVDM training, as the original's `Latent` dataset (docs/data.md):
+    the `split` videos with a `Latents/<FileName>.pt` longer than frames / fps seconds. An item:
+    {"latents": [frames, 4, 14, 14] (zero-padded), "cond": [4, 14, 14], "ef": EF / 100,
+    "n_real", "name"}, drawn from a generator seeded (seed, epoch, index): call `set_epoch`
+    before each epoch's iterator (so not with persistent_workers=True)."""
 
     latent_shape = (4, 14, 14)                                 # [C, h, w] of every latent frame
 
@@ -365,16 +368,16 @@ class LatentVideoDataset(torch.utils.data.Dataset):
 
 class FrameDataset(torch.utils.data.Dataset):
     """Single frames of `<root>/Videos/*.avi` for VAE training: item -> float [3, size, size] as
-    `from_pixels` makes them (x / 128 - 1; `gray` repeats the RGB mean)."""
+    `from_pixels` makes them (x / 128 - 1)."""
 
-    def __init__(self, root, split="TRAIN", size=112, gray=False):
+    def __init__(self, root, split="TRAIN", size=112):
         splits = {split} if isinstance(split, str) else set(split)
         rows = [r for r in read_filelist(root) if r["Split"] in splits]
         if not rows:
             raise DataError(f"{root}/FileList.csv: no {split} videos")
         self.paths = [_video_path(root, r["FileName"]) for r in rows]
         self.starts = np.cumsum([0] + [r["NumberOfFrames"] for r in rows])  # first item per video
-        self.size, self.gray = size, gray
+        self.size = size
 
     def __len__(self):
         return int(self.starts[-1])
@@ -388,8 +391,7 @@ class FrameDataset(torch.utils.data.Dataset):
             container.seek(target, stream=stream)
             for frame in container.decode(stream):
                 if frame.pts is not None and frame.pts >= target:  # -> [3, size, size]
-                    return from_pixels(frame.to_ndarray(format="rgb24", width=size, height=size),
-                                       self.gray)
+                    return from_pixels(frame.to_ndarray(format="rgb24", width=size, height=size))
         raise DataError(f"{path}: no frame {index}")
 
 # --- the phantom echo world ----------------------------------------------------------------------
@@ -542,18 +544,9 @@ _DISK = (np.hypot(*np.mgrid[-2:3, -2:3]) <= 2)[None]           # [1, 5, 5] radiu
 
 def measure_ef(frames, centre=LV_CENTRE, px_cm=PX_CM):
     """EF of a phantom-like video from its LV cavity: uint8 [F, H, W] or [F, H, W, 3] ->
-    {"ef": %, "edv": mL, "esv": mL, "areas": [F] cm^2, "volumes": [F] mL (NaN: no blob)}.
-
-    Per frame: smooth (Gaussian, 1 px), threshold halfway between the dark (5th percentile) and
-    bright (95th) levels of the video around the LV, cut thin bridges (opening with a radius-2
-    disk), keep the dark blob that covers most of a 6 px disk at `centre`, grow it back inside
-    the dark mask, fill holes. Volume = `lv_volume` with A = area and L = the long axis of the
-    blob's ellipse of inertia (4 sqrt(largest eigenvalue of its pixel covariance)), exactly the
-    generator's definition; a frame farther from the 3-frame median than half the median curve's
-    swing is a failed segmentation and takes the median's value; EDV = max, ESV = min; frames with
-    no blob ignored. Relative levels, not the generator's gray values, so blurred or noisy model
-    videos work too.
-    """
+    {"ef": %, "edv": mL, "esv": mL, "areas": [F] cm^2, "volumes": [F] mL (NaN: no blob)}. The
+    dark blob at `centre` per frame, its volume by `lv_volume` as the generator defines it; the
+    steps and their accuracy: docs/data.md ("Measuring EF")."""
     x = np.asarray(frames)
     x = x.mean(-1, dtype=np.float32) if x.ndim == 4 else x.astype(np.float32)
     x = ndimage.gaussian_filter(x, (0, 1, 1))                  # [F, H, W]

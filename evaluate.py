@@ -602,12 +602,7 @@ def check_request(args, names, detector):
 
 def run(args):
     """Every metric asked: JSON lines printed and appended, a table printed and returned."""
-    device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:              # under torchrun
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device = data.join_processes(args.device)[0]               # under torchrun: a group
     # Metrics must match the reference: no TF32 (moves features ~1e-3) [metrics.md 1], and
     # deterministic cuDNN so the same command gives the same numbers (StyleGAN-V benchmarks).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -281,15 +281,7 @@ def write_filelist(args, job, formats):
 # --- main --------------------------------------------------------------------------------------
 def run(args, formats):
     check_flags(args)
-    # Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process takes cuda:LOCAL_RANK and
-    # joins a process group: nccl on GPUs, gloo on CPUs.
-    rank, world, device = 0, 1, torch.device(args.device)
-    if "RANK" in os.environ:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = data.join_processes(args.device)     # under torchrun: a group
     if device.type == "cuda":  # TF32 matmuls; the UNet under bf16 autocast, the VAE in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     job = setup(args, device)

@@ -148,23 +148,16 @@ def resolve_config(argv=None):
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
 def setup_device(cfg):
-    """(device, rank, world size, autocast context, grad scaler, precision). torchrun sets RANK,
-    WORLD_SIZE and LOCAL_RANK, and each process joins the group (NCCL on GPUs, gloo on the CPU);
-    plain python is one process. GPUs run fp16 (the original's, with a grad scaler) or bf16
-    autocast, the CPU fp32. Without fp16 the scaler is disabled: scale() and unscale_() do
+    """(device, rank, world size, autocast context, grad scaler, precision): one process, or one
+    of torchrun's (data.join_processes). GPUs run fp16 (the original's, with a grad scaler) or
+    bf16 autocast, the CPU fp32. Without fp16 the scaler is disabled: scale() and unscale_() do
     nothing and step() is opt.step(), so the loop has one path for every precision."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = auto if cfg["device"] == "auto" else cfg["device"]
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if kind == "cuda" else kind)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device, rank, world = data.join_processes(auto if cfg["device"] == "auto" else cfg["device"])
     precision = cfg["precision"] if device.type == "cuda" else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
-    return (device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            torch.autocast("cuda", dtype=dtype) if dtype else nullcontext(),
+    return (device, rank, world, torch.autocast("cuda", dtype=dtype) if dtype else nullcontext(),
             torch.amp.GradScaler("cuda", enabled=precision == "fp16"), precision)
 
 def split_batch(G, per_gpu, world):

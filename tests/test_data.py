@@ -232,7 +232,7 @@ def test_latent_dataset_errors_name_the_problem(tmp_path):
 
 
 def test_frame_dataset_returns_the_right_frames(phantom):
-    """Items are [3, 112, 112] in [-1, 1), frame k of video v as decoded in full; gray option."""
+    """Items are [3, 112, 112] in [-1, 1), frame k of video v as decoded in full."""
     ds = data.FrameDataset(phantom, "VAL")
     rows = [r for r in data.read_filelist(phantom) if r["Split"] == "VAL"]
     assert len(ds) == sum(r["NumberOfFrames"] for r in rows)
@@ -241,8 +241,6 @@ def test_frame_dataset_returns_the_right_frames(phantom):
         x = ds[rows[0]["NumberOfFrames"] + k]
         assert x.shape == (3, 112, 112) and -1 <= x.min() and x.max() < 1
         assert torch.equal(x, torch.from_numpy(video[k]).permute(2, 0, 1).float() / 128 - 1)
-    gray = data.FrameDataset(phantom, "VAL", gray=True)[5]
-    assert torch.equal(gray[0], gray[2])
 
 
 # --- the phantom world ---------------------------------------------------------------------------
