@@ -135,9 +135,13 @@ def check_ranges(values, ranges, dash="-"):
             raise DataError(f"--{name.replace('_', dash)} {x}: must be a finite number "
                             + (f"in [{low}, {high}]" if high else f">= {low}"))
 
-def os_error(e):
-    """One line for an OSError that no writer above named: the file and what went wrong."""
-    return f"{e.filename}: {e.strerror}" if e.filename else f"{e.strerror or e}"
+def error_line(e):
+    """The one line a command prints for an error: an OSError's file and reason; for an error
+    raised in a DataLoader worker (its message ends the worker's traceback), its last line."""
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename else f"{e.strerror or e}"
+    lines = str(e).strip().splitlines() or [""]
+    return lines[-1].split(": ", 1)[-1] if "Original Traceback" in str(e) else lines[0]
 
 def join_processes(device):
     """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) a process on
@@ -734,7 +738,7 @@ def main(argv=None):
             written = make_reference(args.root, args.out, args.frames, args.fps, args.num_videos)
             print(f"{written} reference videos in {args.out}")
     except (DataError, OSError) as e:
-        sys.exit(f"error: {os_error(e) if isinstance(e, OSError) else e}")
+        sys.exit(f"error: {error_line(e)}")
 
 if __name__ == "__main__":
     main()

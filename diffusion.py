@@ -146,12 +146,9 @@ class DDIM(_Scheduler):
         return (x_prev, x0) if return_x0 else x_prev
 
 class DPMSolver(_Scheduler):
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): DDIM's ODE solved in
-    x0 and the log-SNR lambda = log(alpha / sigma), second order from the x0 of the step before.
-    Few-step DDIM falls short of where the ODE goes (the demo's hearts beat too little); on the
-    demo's model 8 steps land where DDIM needs 20. diffusers' DPMSolverMultistepScheduler
-    with its defaults ("linspace" timesteps, midpoint, first order at the first and last steps,
-    sigma 0 at the end), bit for bit; like it, x0 is not clipped."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): DDIM's ODE solved in x0 and the log-SNR
+    lambda = log(alpha / sigma), second order from the step before's x0 (why: docs/diffusion.md).
+    diffusers' DPMSolverMultistepScheduler with its defaults, bit for bit; x0 is not clipped."""
     def __init__(self, **overrides):
         super().__init__(**overrides)
         self.clip, self.config["clip_sample"] = None, False  # x0 not clipped, as diffusers'

@@ -639,10 +639,7 @@ def main(argv=None):
     try:
         return run(parser.parse_args(argv))
     except (EvalError, data.DataError) as err:            # data: a full disk, a read-only folder
-        # Raised in a DataLoader worker, the message arrives with the worker's traceback in
-        # front of it: keep the last line, which is ours.
-        msg = re.sub(r"^[\w.]*Error: ", "", str(err).strip().splitlines()[-1])
-        raise SystemExit(f"evaluate.py: error: {msg}") from None
+        raise SystemExit(f"evaluate.py: error: {data.error_line(err)}") from None
 
 if __name__ == "__main__":
     main()

@@ -178,11 +178,9 @@ def trained_residual(path):
     return float(config.get("config", config).get("residual", 0.0))
 
 def setup(args, device):
-    """The run, checked before any work: models on `device`, scheduler, conditioning files, EFs,
-    the video length, and the settings that determine the written files (settings.json). The
-    models must fit the sampler: frames 8x the latent size (4 VAE levels, as the original's), a
-    UNet taking noisy + conditioning latents (2C channels) to C, and a window it can halve
-    (num_frames, the original's T)."""
+    """The run, checked before any work: models on `device` (a 4-level VAE; a UNet of 2C -> C
+    channels and an even window, num_frames), scheduler, conditioning files, the video length,
+    and the settings that determine the written files (settings.json)."""
     unet, unet_path = load_unet(args.unet)
     vae = model.load_model(args.vae, expect="AutoencoderKL")
     C, window = vae.config.latent_channels, unet.config.num_frames  # window 64: windows every 32
@@ -315,8 +313,7 @@ def main(argv=None):
     try:
         run(args, formats)
     except (model.ModelLoadError, data.DataError, OSError) as e:  # one line, once
-        message = data.os_error(e) if isinstance(e, OSError) else e
-        sys.exit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+        sys.exit(f"error: {data.error_line(e)}" if os.environ.get("RANK", "0") == "0" else 1)
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command again to finish (finished videos are kept)")
     finally:

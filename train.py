@@ -287,12 +287,10 @@ def prepare_run_folder(cfg, step):
     data.save(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))
 
 def save_checkpoint(cfg, step, net, ema, opt, scaler, state):
-    """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept). Its JSON
-    files are model_config.json and training_config.json, not config.json: the folder is no
-    diffusers model folder (export.py makes one). A VAE with unit_latents gets its scale here:
-    latent diffusion's unit_scale (Rombach et al. 2022, sec. 4.3.2; 0.18215 for Stable
-    Diffusion's VAE), 1 / std of the EMA's posterior means of 64 evenly spaced TRAIN frames, so
-    that the LVDM sees latents of unit variance, the scale its noise schedule assumes."""
+    """<out>/checkpoint-<step>/ (model.save_checkpoint; the newest `keep` are kept), no diffusers
+    model folder (export.py makes one). A VAE with unit_latents gets its scale here: latent
+    diffusion's (Rombach et al. 2022, sec. 4.3.2), 1 / std of the EMA's posterior means of 64
+    evenly spaced TRAIN frames, the unit variance the LVDM's noise schedule assumes."""
     if cfg["model"] == "vae" and cfg["unit_latents"]:
         with torch.no_grad():
             x = spaced(make_dataset(cfg, "TRAIN"), 64, next(ema.parameters()).device)
@@ -486,13 +484,9 @@ def main(argv=None):
             with data.locked(cfg["out"], "--out") if rank == 0 else nullcontext():
                 train(cfg)
     except (TrainingError, data.DataError, model.ModelLoadError, OSError) as e:
-        # One line, no traceback. A DataLoader worker's error arrives with the worker's traceback
-        # in its message: keep its last line, and print it from whichever process met it.
-        message = data.os_error(e) if isinstance(e, OSError) else str(e).strip()
-        if from_worker := "Original Traceback" in message:
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        if rank == 0 or from_worker:
-            print(f"error: {message}", file=sys.stderr)
+        # One line, no traceback; a DataLoader worker's error from whichever process met it.
+        if rank == 0 or "Original Traceback" in str(e):
+            print(f"error: {data.error_line(e)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
