@@ -23,11 +23,13 @@ FRAMES ?= 16
 FPS ?= 12
 SAMPLER ?= dpm
 SAMPLE_STEPS ?= 8
-GUIDANCE ?= 4
+GUIDANCE ?= 1.5
+# sample.py animates each TEST phantom from its end-diastolic frame (first: its first frame)
+COND_FRAME ?= ed
 # demo-sweep's autoguided rows take the null-EF pass from the LVDM's checkpoint-$(GUIDE_STEP)
 GUIDE_STEP ?= 100
 REF_FPS ?= $(FPS)
-SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED)
+SCORE = --data $(DEMO)/phantom --vae $(DEMO)/models/vae --seed $(SEED) --cond-frame $(COND_FRAME)
 # glibc gives every large freed tensor back to the system and page-faults it in again at the
 # next step; with these two thresholds it keeps them (40 LVDM steps: 1.75 M -> 0.58 M page faults,
 # 5 % less time on a 2-core CPU). Only the processes make starts see them.
@@ -52,7 +54,7 @@ demo:
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
 	    --batch_size $(SAMPLES) --frames $(FRAMES) --fps $(FPS) --sampler $(SAMPLER) \
 	    --num_steps $(SAMPLE_STEPS) --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 \
-	    --max_lvef 90 --save_as avi,gif,jpg
+	    --max_lvef 90 --save_as avi,gif,jpg --cond_frame $(COND_FRAME)
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
 	    --out $(DEMO)/results.jsonl
 	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"

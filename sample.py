@@ -40,6 +40,9 @@ arg("--unet", default="models/lvdm", help="UNet model folder, or a training run 
 arg("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
 arg("--conditioning", default="data/conditioning", help="folder of [4, 14, 14] .pt latents or "
     ".jpg/.png frames, or an encoded dataset root (its TEST videos) (default: %(default)s)")
+arg("--cond_frame", choices=("first", "ed"), default="first", help="the frame of a dataset root's "
+    "TEST videos: first (default), or ed: the end-diastolic one, the largest LV cavity by "
+    "data.measure_ef (phantom-like videos)")
 arg("--config", help="ignored (model folders carry their config): the original's commands run")
 arg = parser.add_argument_group("sampling").add_argument
 arg("--num_samples", type=int, default=8, help="videos (default: %(default)s)")
@@ -115,32 +118,45 @@ def load_unet(path):
         raise SampleError(f"--unet {path}: a checkpoint of a {unet.class_name}, not a UNet")
     return unet, path
 
-def list_conditioning(folder):
-    """The conditioning files sorted by name: all .pt files, or all .jpg/.jpeg/.png files; or,
-    for an encoded EchoNet-layout root (FileList.csv + Latents/), the latent videos of its TEST
-    split, whose first frames animate real hearts."""
+def end_diastole(root, name):
+    """The index of a phantom-like video's end-diastolic frame: its largest LV cavity."""
+    path = os.path.join(root, "Videos", name + ".avi")
+    volumes = data.measure_ef(data.read_video(path)[0])["volumes"]
+    if not np.isfinite(volumes).any():
+        raise SampleError(f"{path}: no LV cavity found for --cond_frame ed")
+    return int(np.nanargmax(volumes))
+
+def list_conditioning(folder, frame="first"):
+    """(file, frame) pairs, frame the index in a latent video (else 0): all .pt files or all
+    .jpg/.jpeg/.png files sorted by name; or, for an encoded EchoNet-layout root (FileList.csv +
+    Latents/), the latent videos of its TEST split, whose first (or end-diastolic) frames animate
+    real hearts."""
     if os.path.isfile(f"{folder}/FileList.csv") and os.path.isdir(f"{folder}/Latents"):
-        paths = [os.path.join(folder, "Latents", r["FileName"] + ".pt")
-                 for r in data.read_filelist(folder, probe=False) if r["Split"] == "TEST"]
-        if not (paths := [p for p in paths if os.path.isfile(p)]):
+        names = [r["FileName"] for r in data.read_filelist(folder, probe=False)
+                 if r["Split"] == "TEST" and os.path.isfile(f"{folder}/Latents/{r['FileName']}.pt")]
+        if not names:
             raise SampleError(f"--conditioning {folder}: no TEST videos with a latent in Latents/")
-        return paths
+        return [(os.path.join(folder, "Latents", n + ".pt"),
+                 end_diastole(folder, n) if frame == "ed" else 0) for n in names]
     names = sorted(os.listdir(folder))
     pts = [n for n in names if n.lower().endswith(".pt")]
     images = [n for n in names if n.lower().endswith((".jpg", ".jpeg", ".png"))]
     if bool(pts) == bool(images):
         raise SampleError(f"--conditioning {folder}: " + ("both .pt latents and images, use one "
                           "kind" if pts else "no .pt latents and no .jpg/.png frames in it"))
-    return [os.path.join(folder, n) for n in pts or images]
+    return [(os.path.join(folder, n), 0) for n in pts or images]
 
-def read_conditioning(path, shape):
-    """A conditioning file: a latent of `shape` [C, h, w] (fp32) or a latent video [T, C, h, w]
-    (its first frame), or an RGB frame uint8 [8h, 8w, 3] (for a VAE with 4 levels)."""
+def read_conditioning(item, shape):
+    """A conditioning (file, frame): a latent of `shape` [C, h, w] (fp32) or a latent video [T, C,
+    h, w] (its frame `frame`), or an RGB frame uint8 [8h, 8w, 3] (for a VAE with 4 levels)."""
+    path, frame = item
     try:
         if path.lower().endswith(".pt"):
             x = model.torch_load(path)
             if torch.is_tensor(x) and x.ndim == 4 and tuple(x.shape[1:]) == tuple(shape):
-                x = x[0]  # a latent video: its first frame
+                if frame >= len(x):
+                    raise SampleError(f"{path}: {len(x)} frames, no frame {frame}")
+                x = x[frame]  # a latent video: the frame asked for
             x = x.float() if torch.is_tensor(x) else x
         else:
             with Image.open(path) as im:
@@ -200,13 +216,13 @@ def setup(args, device):
         unet=unet, weak=weak, vae=vae, window=window, residual=residual, device=device,
         frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
         shape=(C, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
-        paths=list_conditioning(args.conditioning),
+        paths=list_conditioning(args.conditioning, args.cond_frame),
         scheduler=dict(ddpm=diffusion.DDPM, ddim=diffusion.DDIM, dpm=diffusion.DPMSolver)[
             args.sampler](),
         amp=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
     job.scheduler.set_timesteps(args.num_steps)
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
-                                                  "min_lvef", "max_lvef", "fps")}
+                                                  "min_lvef", "max_lvef", "fps", "cond_frame")}
     job.settings.update({k: p and os.path.abspath(p) for k, p in [  # paths made absolute
         ("unet", unet_path), ("vae", args.vae), ("conditioning", args.conditioning),
         ("guide_unet", weak_path)]})

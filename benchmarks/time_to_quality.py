@@ -31,7 +31,8 @@ def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None):
            "--conditioning", args.data, "--output", out, "--num_samples", str(args.samples),
            "--batch_size", str(args.samples), "--frames", str(args.frames), "--fps", str(args.fps),
            "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
-           "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg"]
+           "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg",
+           "--cond_frame", args.cond_frame]
     run += ["--guide_unet", weak] if weak else []
     subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
     results = os.path.join(out, "results.jsonl")
@@ -102,10 +103,10 @@ def curve(args):
 
 
 def sweep(args):
-    """Classifier-free guidance 1 / 1.5 / 2 / 3 / 4 with the demo's sampler (--sampler, --steps);
-    with --guide, the same autoguided; then at --guidance (the model itself, as make demo)
-    DPM-Solver++ 5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
-    cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.5, 2.0, 3.0, 4.0)]
+    """Classifier-free guidance 1 / 1.25 / 1.5 / 2 / 3 / 4 with the demo's sampler (--sampler,
+    --steps); with --guide, the same autoguided; then at --guidance (the model itself, as make
+    demo) DPM-Solver++ 5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
+    cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)]
     cases += [(g, args.sampler, args.steps, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
     cases += [(args.guidance, sampler, steps, None) for sampler, steps in (
         ("dpm", 5), ("dpm", 16), ("ddim", 5), ("ddim", 10), ("ddim", 20), ("ddim", 50),
@@ -146,6 +147,8 @@ def main():
                    "autoguided by this one (sample.py --guide_unet; default: 0, none)")
     p.add_argument("--guide", help="sweep: a weaker checkpoint or model for autoguidance")
     p.add_argument("--seed", type=int, default=0, help="sample.py --seed (default: 0)")
+    p.add_argument("--cond-frame", default="ed", choices=["ed", "first"],
+                   help="sample.py --cond_frame (default: ed, as make demo)")
     args = p.parse_args()
     if not (args.run if args.mode == "curve" else args.unet):
         p.error(f"{args.mode} needs --{'run' if args.mode == 'curve' else 'unet'}")

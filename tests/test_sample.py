@@ -297,7 +297,7 @@ def test_resume_gives_the_same_videos_as_an_unbroken_run(folders, tmp_path, monk
 def test_conditioning_files_taken_in_turn_in_name_order(folders):
     """Video i uses file i mod N of the sorted names (a.pt, b.pt, c.pt, a.pt, ...)."""
     paths = sample.list_conditioning(str(folders / "cond"))
-    assert [os.path.basename(paths[i % len(paths)]) for i in range(5)] == \
+    assert [os.path.basename(paths[i % len(paths)][0]) for i in range(5)] == \
         ["a.pt", "b.pt", "c.pt", "a.pt", "b.pt"]
 
 
@@ -451,3 +451,24 @@ def test_second_run_into_a_locked_folder_is_refused_and_a_dead_holders_lock_take
     run(folders, out, "--num_samples", "1", "--save_as", "pt")
     assert os.listdir(out / "pt") == ["sample_000000.pt"]
     assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_cond_frame_ed_takes_each_test_heart_at_end_diastole(tmp_path):
+    """--cond_frame ed: the frame of a TEST phantom's largest measured cavity is one the
+    generator drew at end-diastole (contraction level 0), and that frame of its latent video is
+    the conditioning latent."""
+    rows = data.make_phantom(str(tmp_path), num_videos=20, seed=3)
+    for r in rows:  # a latent video whose frame t is filled with t
+        t = torch.arange(r["NumberOfFrames"], dtype=torch.float32)
+        os.makedirs(tmp_path / "Latents", exist_ok=True)
+        torch.save(t[:, None, None, None].expand(-1, 4, 14, 14).clone(),
+                   tmp_path / "Latents" / f"{r['FileName']}.pt")
+    items = sample.list_conditioning(str(tmp_path), "ed")
+    assert len(items) == 2 and [i for _, i in sample.list_conditioning(str(tmp_path))] == [0, 0]
+    for path, frame in items:
+        index = int(os.path.basename(path)[len("phantom_"):-3])
+        rng = np.random.default_rng([3, index])
+        n, fps = int(rng.integers(112, 251)), int(rng.integers(45, 56))
+        level = data.heart_motion(rng, n, fps)[2]
+        assert level[frame] == 0 and level.max() > 0
+        assert sample.read_conditioning((path, frame), (4, 14, 14)).unique().tolist() == [frame]
