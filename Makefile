@@ -23,7 +23,10 @@ FRAMES ?= 16
 FPS ?= 12
 SAMPLER ?= dpm
 SAMPLE_STEPS ?= 8
-GUIDANCE ?= 1.5
+# auto: the scale of calibrate's best EF MAE on the VAL phantoms (other hearts, other EFs)
+GUIDANCE ?= auto
+CANDIDATES ?= 1.5 3
+GUIDE = $(if $(filter auto,$(GUIDANCE)),$$(cat $(DEMO)/calibrate/guidance),$(GUIDANCE))
 # sample.py animates each TEST phantom from its end-diastolic frame (first: its first frame)
 COND_FRAME ?= ed
 # demo-sweep's autoguided rows take the null-EF pass from the LVDM's checkpoint-$(GUIDE_STEP)
@@ -50,24 +53,28 @@ demo:
 	    --vae $(DEMO)/models/vae --out $(DEMO)/runs/lvdm --max-steps $(LVDM_STEPS) \
 	    --checkpoint-every $(CURVE_EVERY) --frames $(FRAMES) --fps $(FPS)
 	$(PY) export.py --checkpoint $(DEMO)/runs/lvdm --out $(DEMO)/models/lvdm --force
+	$(if $(filter auto,$(GUIDANCE)),mkdir -p $(DEMO)/calibrate && $(PY) benchmarks/time_to_quality.py calibrate \
+	    --unet $(DEMO)/models/lvdm $(SCORE) --out $(DEMO)/calibrate --samples 16 \
+	    --candidates $(CANDIDATES) --frames $(FRAMES) --fps $(FPS) > $(DEMO)/calibrate/guidance)
 	$(PY) sample.py --unet $(DEMO)/models/lvdm --vae $(DEMO)/models/vae \
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
 	    --batch_size $(SAMPLES) --frames $(FRAMES) --fps $(FPS) --sampler $(SAMPLER) \
-	    --num_steps $(SAMPLE_STEPS) --guidance $(GUIDANCE) --seed $(SEED) --min_lvef 10 \
+	    --num_steps $(SAMPLE_STEPS) --guidance $(GUIDE) --seed $(SEED) --min_lvef 10 \
 	    --max_lvef 90 --save_as avi,gif,jpg --cond_frame $(COND_FRAME)
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
 	    --out $(DEMO)/results.jsonl
 	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"
+	@echo "guidance: $(GUIDE) (auto: $(DEMO)/calibrate/calibrate.json)"
 	@echo "picture: $(DEMO)/samples/ef_strip.png  numbers appended to: $(DEMO)/results.jsonl"
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
-	    --out $(DEMO)/curve --guidance $(GUIDANCE) --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
+	    --out $(DEMO)/curve --guidance $(GUIDE) --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
 	    --frames $(FRAMES) --fps $(FPS)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
-	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) --guidance $(GUIDANCE) \
+	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) --guidance $(GUIDE) \
 	    --frames $(FRAMES) --fps $(FPS) \
 	    --guide $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP)
 

@@ -6,10 +6,14 @@ measures their EF), against training minutes and steps, and over guidance and sa
         --vae demo/models/vae --out demo/curve          # every checkpoint -> curve.png
     python benchmarks/time_to_quality.py sweep --unet demo/models/lvdm --data demo/phantom \
         --vae demo/models/vae --out demo/sweep          # guidance x samplers -> sweep.md
+    python benchmarks/time_to_quality.py calibrate --unet demo/models/lvdm --data demo/phantom \
+        --vae demo/models/vae --out demo/calibrate      # the guidance make demo samples with
 
 `make demo-curve` and `make demo-sweep` run these after `make demo`. The videos are
 conditioned on the TEST phantoms' frames (sample.py's default split); nothing here is tuned
-on them. curve.png: r and MAE against training minutes (log.jsonl's train_s), steps marked.
+on them: calibrate chooses the guidance on the VAL phantoms (other hearts) at other requested
+EFs (seed + 1000), and prints it. curve.png: r and MAE against training minutes (log.jsonl's
+train_s), steps marked.
 """
 
 import argparse
@@ -24,11 +28,12 @@ import PIL.ImageDraw
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None):
+def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None, cond=None):
     """Samples args.samples videos from `unet` (the null-EF pass from `weak`, if given: sample.py
-    --guide_unet) into out/ and returns evaluate.py's EF row."""
+    --guide_unet; conditioned on `cond`, else args.data's TEST phantoms) into out/ and returns
+    evaluate.py's EF row."""
     run = [sys.executable, os.path.join(HERE, "sample.py"), "--unet", unet, "--vae", args.vae,
-           "--conditioning", args.data, "--output", out, "--num_samples", str(args.samples),
+           "--conditioning", cond or args.data, "--output", out, "--num_samples", str(args.samples),
            "--batch_size", str(args.samples), "--frames", str(args.frames), "--fps", str(args.fps),
            "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
            "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg",
@@ -125,12 +130,40 @@ def sweep(args):
     print(f"wrote {args.out}/sweep.md")
 
 
+def calibrate(args):
+    """The guidance of the best EF MAE among --candidates on the VAL phantoms: each animated
+    from its end-diastolic frame (sample.end_diastole) at EFs drawn with seed + 1000, so neither
+    the hearts nor the EFs are the TEST videos'. Writes calibrate.json, prints the guidance."""
+    sys.path.insert(0, HERE)
+    import torch
+
+    import data
+    import sample
+    cond = os.path.join(args.out, "cond")
+    os.makedirs(cond, exist_ok=True)
+    for row in data.read_filelist(args.data, probe=False):
+        if row["Split"] == "VAL":
+            name = row["FileName"]
+            latent = torch.load(os.path.join(args.data, "Latents", name + ".pt"))
+            torch.save(latent[sample.end_diastole(args.data, name)].clone(),
+                       os.path.join(cond, name + ".pt"))
+    args.seed += 1000
+    mae = {g: score(args.unet, args, os.path.join(args.out, f"g{g:g}"), g, args.sampler,
+                    args.steps, cond=cond)["ef_mae"] for g in args.candidates}
+    best = min(mae, key=mae.get)
+    with open(os.path.join(args.out, "calibrate.json"), "w") as f:
+        json.dump({"guidance": best, "val_ef_mae": mae}, f)
+    print(f"{best:g}")
+    print(f"guidance {best:g}: EF MAE " + ", ".join(f"{v:.2f} at {g:g}" for g, v in mae.items())
+          + f" on {args.samples} VAL-conditioned videos", file=sys.stderr)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["curve", "sweep"])
+    p.add_argument("mode", choices=["curve", "sweep", "calibrate"])
     p.add_argument("--run", help="curve: the LVDM run folder (its checkpoint-<step>/ folders)")
-    p.add_argument("--unet", help="sweep: the LVDM model folder")
+    p.add_argument("--unet", help="sweep, calibrate: the LVDM model folder")
     p.add_argument("--data", required=True, help="the phantom dataset (conditioning frames)")
     p.add_argument("--vae", required=True, help="the VAE model folder")
     p.add_argument("--out", required=True, help="where the videos and results go")
@@ -147,13 +180,15 @@ def main():
                    "autoguided by this one (sample.py --guide_unet; default: 0, none)")
     p.add_argument("--guide", help="sweep: a weaker checkpoint or model for autoguidance")
     p.add_argument("--seed", type=int, default=0, help="sample.py --seed (default: 0)")
+    p.add_argument("--candidates", type=float, nargs="+", default=[1.5, 2.0, 3.0],
+                   help="calibrate: guidance scales to try (default: 1.5 2 3)")
     p.add_argument("--cond-frame", default="ed", choices=["ed", "first"],
                    help="sample.py --cond_frame (default: ed, as make demo)")
     args = p.parse_args()
     if not (args.run if args.mode == "curve" else args.unet):
         p.error(f"{args.mode} needs --{'run' if args.mode == 'curve' else 'unet'}")
     os.makedirs(args.out, exist_ok=True)
-    (curve if args.mode == "curve" else sweep)(args)
+    dict(curve=curve, sweep=sweep, calibrate=calibrate)[args.mode](args)
 
 
 if __name__ == "__main__":
