@@ -5,6 +5,7 @@ Models are the tiny presets with perturbed random weights; windows are 8 frames 
 tiny UNet's num_frames), so 16 frames stitch 3 windows as 192 frames stitch 5 in the paper run.
 """
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -472,3 +473,38 @@ def test_cond_frame_ed_takes_each_test_heart_at_end_diastole(tmp_path):
         level = data.heart_motion(rng, n, fps)[2]
         assert level[frame] == 0 and level.max() > 0
         assert sample.read_conditioning((path, frame), (4, 14, 14)).unique().tolist() == [frame]
+
+
+def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypatch):
+    """benchmarks/time_to_quality.py calibrate (make demo's GUIDANCE=auto): conditioning latents
+    of the VAL phantoms only, each at its end-diastolic frame; sampling at seed + 1000; the
+    guidance of the smallest EF MAE is printed and recorded."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("time_to_quality", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "time_to_quality.py"))
+    ttq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttq)
+    rows = data.make_phantom(str(tmp_path / "w"), num_videos=20, seed=3)
+    os.makedirs(tmp_path / "w" / "Latents")
+    for r in rows:
+        t = torch.arange(r["NumberOfFrames"], dtype=torch.float32)
+        torch.save(t[:, None, None, None].expand(-1, 4, 14, 14).clone(),
+                   tmp_path / "w" / "Latents" / f"{r['FileName']}.pt")
+    calls = []
+    def score(unet, args, out, guidance, sampler, steps, cond=None):
+        calls.append((guidance, args.seed, cond))
+        return {"ef_mae": {1.5: 9.0, 2.0: 4.0, 3.0: 6.0}[guidance]}
+    monkeypatch.setattr(ttq, "score", score)
+    args = argparse.Namespace(unet="u", data=str(tmp_path / "w"), out=str(tmp_path / "c"),
+                              seed=7, candidates=[1.5, 2.0, 3.0], sampler="dpm", steps=8,
+                              samples=16)
+    os.makedirs(args.out)
+    ttq.calibrate(args)
+    assert [(g, s) for g, s, _ in calls] == [(1.5, 1007), (2.0, 1007), (3.0, 1007)]
+    val = sorted(r["FileName"] for r in rows if r["Split"] == "VAL")
+    assert sorted(n[:-3] for n in os.listdir(calls[0][2])) == val
+    for name in val:
+        frame = int(torch.load(os.path.join(calls[0][2], name + ".pt")).flatten()[0])
+        assert frame == sample.end_diastole(args.data, name)
+    with open(tmp_path / "c" / "calibrate.json") as f:
+        assert json.load(f)["guidance"] == 2.0
