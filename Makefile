@@ -1,5 +1,5 @@
 # The phantom demo: synthetic echoes -> VAE -> latents -> LVDM -> sampled videos -> EF adherence.
-#   make demo        7-8 minutes on a 2-core laptop CPU (6:45-7:57 measured): 32 videos, EF r, MAE
+#   make demo        8 minutes on a 2-core laptop CPU: 32 videos, EF r, MAE (guidance chosen on VAL)
 #   make demo-curve  after make demo: r and MAE of every LVDM checkpoint -> $(DEMO)/curve/curve.png
 #   make demo-sweep  after make demo: guidance 1-4, DPM 5/16, DDIM 5-50 vs DDPM 64 -> sweep/sweep.md
 #   make demo-long   the same with budgets that let the models learn more (32 minutes measured)
