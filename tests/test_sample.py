@@ -309,7 +309,7 @@ def test_image_conditioning_is_a_seeded_posterior_sample(folders, tmp_path):
     Image.fromarray(frame).save(tmp_path / "f.png")
     vae = model.load_model(str(folders / "vae"))
     with torch.no_grad():
-        got = sample.conditioning([str(tmp_path / "f.png")], (4, 14, 14), vae,
+        got = sample.conditioning([(str(tmp_path / "f.png"), 0)], (4, 14, 14), vae,
                                   [data.item_generator(5, 7)], "cpu")
         x = torch.from_numpy(frame).float()[None, None].repeat(1, 3, 1, 1) / 128 - 1
         expected = vae.encode(x).sample(data.item_generator(5, 7)) * vae.config.scaling_factor
