@@ -591,6 +591,14 @@ def measure_ef(frames, centre=LV_CENTRE, px_cm=PX_CM):
     return {"ef": 100 * (edv - esv) / edv, "edv": edv, "esv": esv, "areas": area * px_cm**2,
             "volumes": volumes}
 
+def end_diastole(root, name):
+    """The index of phantom-like video `name`'s end-diastolic frame: its largest LV cavity."""
+    path = _video_path(root, name)
+    volumes = measure_ef(read_video(path)[0])["volumes"]
+    if not np.isfinite(volumes).any():
+        raise DataError(f"{path}: no LV cavity found for its end-diastolic frame")
+    return int(np.nanargmax(volumes))
+
 def ef_adherence(requested, measured):
     """How well videos follow the EF they were asked for: Pearson r and mean absolute error (EF
     points) over the pairs where both are finite; n = number of such pairs."""

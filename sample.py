@@ -118,14 +118,6 @@ def load_unet(path):
         raise SampleError(f"--unet {path}: a checkpoint of a {unet.class_name}, not a UNet")
     return unet, path
 
-def end_diastole(root, name):
-    """The index of a phantom-like video's end-diastolic frame: its largest LV cavity."""
-    path = os.path.join(root, "Videos", name + ".avi")
-    volumes = data.measure_ef(data.read_video(path)[0])["volumes"]
-    if not np.isfinite(volumes).any():
-        raise SampleError(f"{path}: no LV cavity found for --cond_frame ed")
-    return int(np.nanargmax(volumes))
-
 def list_conditioning(folder, frame="first"):
     """(file, frame) pairs, frame the index in a latent video (else 0): all .pt files or all
     .jpg/.jpeg/.png files sorted by name; or, for an encoded EchoNet-layout root (FileList.csv +
@@ -137,7 +129,7 @@ def list_conditioning(folder, frame="first"):
         if not names:
             raise SampleError(f"--conditioning {folder}: no TEST videos with a latent in Latents/")
         return [(os.path.join(folder, "Latents", n + ".pt"),
-                 end_diastole(folder, n) if frame == "ed" else 0) for n in names]
+                 data.end_diastole(folder, n) if frame == "ed" else 0) for n in names]
     names = sorted(os.listdir(folder))
     pts = [n for n in names if n.lower().endswith(".pt")]
     images = [n for n in names if n.lower().endswith((".jpg", ".jpeg", ".png"))]

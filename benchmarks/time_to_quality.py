@@ -132,20 +132,19 @@ def sweep(args):
 
 def calibrate(args):
     """The guidance of the best EF MAE among --candidates on the VAL phantoms: each animated
-    from its end-diastolic frame (sample.end_diastole) at EFs drawn with seed + 1000, so neither
+    from its end-diastolic frame (data.end_diastole) at EFs drawn with seed + 1000, so neither
     the hearts nor the EFs are the TEST videos'. Writes calibrate.json, prints the guidance."""
     sys.path.insert(0, HERE)
     import torch
 
     import data
-    import sample
     cond = os.path.join(args.out, "cond")
     os.makedirs(cond, exist_ok=True)
     for row in data.read_filelist(args.data, probe=False):
         if row["Split"] == "VAL":
             name = row["FileName"]
             latent = torch.load(os.path.join(args.data, "Latents", name + ".pt"))
-            torch.save(latent[sample.end_diastole(args.data, name)].clone(),
+            torch.save(latent[data.end_diastole(args.data, name)].clone(),
                        os.path.join(cond, name + ".pt"))
     args.seed += 1000
     mae = {g: score(args.unet, args, os.path.join(args.out, f"g{g:g}"), g, args.sampler,

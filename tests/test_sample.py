@@ -505,6 +505,6 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
     assert sorted(n[:-3] for n in os.listdir(calls[0][2])) == val
     for name in val:
         frame = int(torch.load(os.path.join(calls[0][2], name + ".pt")).flatten()[0])
-        assert frame == sample.end_diastole(args.data, name)
+        assert frame == data.end_diastole(args.data, name)
     with open(tmp_path / "c" / "calibrate.json") as f:
         assert json.load(f)["guidance"] == 2.0
