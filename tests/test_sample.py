@@ -478,7 +478,8 @@ def test_cond_frame_ed_takes_each_test_heart_at_end_diastole(tmp_path):
 def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypatch):
     """benchmarks/time_to_quality.py calibrate (make demo's GUIDANCE=auto): conditioning latents
     of the VAL phantoms only, each at its end-diastolic frame; sampling at seed + 1000; the
-    guidance of the smallest EF MAE is printed and recorded."""
+    guidance of the smallest EF MAE among the candidates and the scale where their mean errors'
+    line crosses zero is printed and recorded."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("time_to_quality", os.path.join(
         os.path.dirname(__file__), "..", "benchmarks", "time_to_quality.py"))
@@ -492,19 +493,26 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
                    tmp_path / "w" / "Latents" / f"{r['FileName']}.pt")
     calls = []
     def score(unet, args, out, guidance, sampler, steps, cond=None):
+        # a model whose mean error rises 8 points per unit of guidance, zero at 2.5
         calls.append((guidance, args.seed, cond))
-        return {"ef_mae": {1.5: 9.0, 2.0: 4.0, 3.0: 6.0}[guidance]}
+        os.makedirs(out)
+        error = 8 * (guidance - 2.5)
+        with open(os.path.join(out, "ef_measured.csv"), "w") as f:
+            f.write(f"FileName,RequestedEF,MeasuredEF\na,40.00,{40 + error:.2f}\nb,60,nan\n")
+        return {"ef_mae": abs(error) + 1}
     monkeypatch.setattr(ttq, "score", score)
     args = argparse.Namespace(unet="u", data=str(tmp_path / "w"), out=str(tmp_path / "c"),
-                              seed=7, candidates=[1.5, 2.0, 3.0], sampler="dpm", steps=8,
-                              samples=16)
+                              seed=7, candidates=[1.5, 3.0], sampler="dpm", steps=8,
+                              samples=16, refine=True, refine_range=[1.0, 6.0])
     os.makedirs(args.out)
     ttq.calibrate(args)
-    assert [(g, s) for g, s, _ in calls] == [(1.5, 1007), (2.0, 1007), (3.0, 1007)]
+    # the two candidates, then where the line through their mean errors crosses zero
+    assert [(g, s) for g, s, _ in calls] == [(1.5, 1007), (3.0, 1007), (2.5, 1007)]
     val = sorted(r["FileName"] for r in rows if r["Split"] == "VAL")
     assert sorted(n[:-3] for n in os.listdir(calls[0][2])) == val
     for name in val:
         frame = int(torch.load(os.path.join(calls[0][2], name + ".pt")).flatten()[0])
         assert frame == data.end_diastole(args.data, name)
     with open(tmp_path / "c" / "calibrate.json") as f:
-        assert json.load(f)["guidance"] == 2.0
+        saved = json.load(f)
+    assert saved["guidance"] == 2.5 and saved["val_mean_error"]["1.5"] == -8.0
