@@ -130,21 +130,24 @@ def sweep(args):
     print(f"wrote {args.out}/sweep.md")
 
 
-def mean_error(out):
-    """Mean of measured - requested EF over the videos in out/ef_measured.csv (evaluate.py's)."""
+def ef_slope(out):
+    """The least-squares slope of measured on requested EF over out/ef_measured.csv (evaluate.py
+    writes it): 1 when the videos' EFs spread as far as the asked ones, below 1 when they bunch."""
     with open(os.path.join(out, "ef_measured.csv")) as f:
-        rows = [line.split(",") for line in f.read().splitlines()[1:]]
-    errors = [float(m) - float(r) for _, r, m in rows if m != "nan"]
-    return sum(errors) / max(len(errors), 1)
+        pairs = [(float(r), float(m)) for _, r, m in
+                 (line.split(",") for line in f.read().splitlines()[1:]) if m != "nan"]
+    mr, mm = (sum(x) / len(pairs) for x in zip(*pairs))
+    return (sum((r - mr) * (m - mm) for r, m in pairs)
+            / max(sum((r - mr) ** 2 for r, _ in pairs), 1e-9))
 
 
 def calibrate(args):
     """The guidance of the best EF MAE on the VAL phantoms: each animated from its end-diastolic
     frame (data.end_diastole) at EFs drawn with seed + 1000, so neither the hearts nor the EFs
     are the TEST videos'. Tries --candidates, then (--refine) the scale where the line through
-    the first two candidates' mean errors (measured - asked) crosses zero, clipped to
-    --refine-range and rounded to 0.25 (stronger guidance widens the beat: the mean error
-    rises with the scale). Writes calibrate.json, prints the guidance."""
+    the first two candidates' EF slopes (measured on asked; stronger guidance spreads the EFs
+    wider) reaches 1, clipped to --refine-range and rounded to 0.25. Writes calibrate.json,
+    prints the guidance."""
     sys.path.insert(0, HERE)
     import torch
 
@@ -158,28 +161,28 @@ def calibrate(args):
             torch.save(latent[data.end_diastole(args.data, name)].clone(),
                        os.path.join(cond, name + ".pt"))
     args.seed += 1000
-    mae, bias = {}, {}
+    mae, slope = {}, {}
 
     def probe(g):
         out = os.path.join(args.out, f"g{g:g}")
         mae[g] = score(args.unet, args, out, g, args.sampler, args.steps, cond=cond)["ef_mae"]
-        bias[g] = mean_error(out)
+        slope[g] = ef_slope(out)
 
     for g in args.candidates:
         probe(g)
     g0, g1 = args.candidates[:2] if len(args.candidates) > 1 else (0.0, 0.0)
-    if args.refine and bias.get(g1, 0.0) != bias.get(g0, 0.0):
-        e0, e1 = bias[g0], bias[g1]
-        zero = min(max(g0 - e0 * (g1 - g0) / (e1 - e0), min(args.refine_range)),
-                   max(args.refine_range))
-        if round(zero * 4) / 4 not in mae:
-            probe(round(zero * 4) / 4)
+    if args.refine and slope.get(g1, 0.0) != slope.get(g0, 0.0):
+        s0, s1 = slope[g0], slope[g1]
+        one = min(max(g0 + (1 - s0) * (g1 - g0) / (s1 - s0), min(args.refine_range)),
+                  max(args.refine_range))
+        if round(one * 4) / 4 not in mae:
+            probe(round(one * 4) / 4)
     best = min(mae, key=mae.get)
     with open(os.path.join(args.out, "calibrate.json"), "w") as f:
-        json.dump({"guidance": best, "val_ef_mae": mae, "val_mean_error": bias}, f)
+        json.dump({"guidance": best, "val_ef_mae": mae, "val_ef_slope": slope}, f)
     print(f"{best:g}")
     print(f"guidance {best:g}: EF MAE " + ", ".join(
-        f"{mae[g]:.2f} (mean error {bias[g]:+.2f}) at {g:g}" for g in mae)
+        f"{mae[g]:.2f} (slope {slope[g]:.2f}) at {g:g}" for g in mae)
         + f" on {args.samples} VAL-conditioned videos", file=sys.stderr)
 
 
@@ -208,7 +211,7 @@ def main():
     p.add_argument("--candidates", type=float, nargs="+", default=[1.5, 2.0, 3.0],
                    help="calibrate: guidance scales to try (default: 1.5 2 3)")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                   help="calibrate: also try where the candidates' mean error crosses zero")
+                   help="calibrate: also try where the candidates' EF slope reaches 1")
     p.add_argument("--refine-range", type=float, nargs=2, default=[1.0, 6.0],
                    help="calibrate: the scales --refine may try (default: 1 6)")
     p.add_argument("--cond-frame", default="ed", choices=["ed", "first"],

@@ -478,8 +478,8 @@ def test_cond_frame_ed_takes_each_test_heart_at_end_diastole(tmp_path):
 def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypatch):
     """benchmarks/time_to_quality.py calibrate (make demo's GUIDANCE=auto): conditioning latents
     of the VAL phantoms only, each at its end-diastolic frame; sampling at seed + 1000; the
-    guidance of the smallest EF MAE among the candidates and the scale where their mean errors'
-    line crosses zero is printed and recorded."""
+    guidance of the smallest EF MAE among the candidates and the scale where their EF slopes'
+    line reaches 1 is printed and recorded."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("time_to_quality", os.path.join(
         os.path.dirname(__file__), "..", "benchmarks", "time_to_quality.py"))
@@ -493,12 +493,15 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
                    tmp_path / "w" / "Latents" / f"{r['FileName']}.pt")
     calls = []
     def score(unet, args, out, guidance, sampler, steps, cond=None):
-        # a model whose mean error rises 8 points per unit of guidance, zero at 2.5
+        # a model whose EF slope rises 0.4 per unit of guidance, 1 at 2.5
         calls.append((guidance, args.seed, cond))
         os.makedirs(out)
-        error = 8 * (guidance - 2.5)
+        slope = 1 + 0.4 * (guidance - 2.5)
         with open(os.path.join(out, "ef_measured.csv"), "w") as f:
-            f.write(f"FileName,RequestedEF,MeasuredEF\na,40.00,{40 + error:.2f}\nb,60,nan\n")
+            f.write("FileName,RequestedEF,MeasuredEF\n" + "".join(
+                f"{n},{ef:.2f},{50 + slope * (ef - 50):.2f}\n" for n, ef in enumerate([20, 80, 50]))
+                + "x,60.00,nan\n")
+        error = abs(1 - slope) * 20
         return {"ef_mae": abs(error) + 1}
     monkeypatch.setattr(ttq, "score", score)
     args = argparse.Namespace(unet="u", data=str(tmp_path / "w"), out=str(tmp_path / "c"),
@@ -506,7 +509,7 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
                               samples=16, refine=True, refine_range=[1.0, 6.0])
     os.makedirs(args.out)
     ttq.calibrate(args)
-    # the two candidates, then where the line through their mean errors crosses zero
+    # the two candidates, then where the line through their EF slopes reaches 1
     assert [(g, s) for g, s, _ in calls] == [(1.5, 1007), (3.0, 1007), (2.5, 1007)]
     val = sorted(r["FileName"] for r in rows if r["Split"] == "VAL")
     assert sorted(n[:-3] for n in os.listdir(calls[0][2])) == val
@@ -515,4 +518,4 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
         assert frame == data.end_diastole(args.data, name)
     with open(tmp_path / "c" / "calibrate.json") as f:
         saved = json.load(f)
-    assert saved["guidance"] == 2.5 and saved["val_mean_error"]["1.5"] == -8.0
+    assert saved["guidance"] == 2.5 and abs(saved["val_ef_slope"]["1.5"] - 0.6) < 1e-3
