@@ -1,6 +1,6 @@
 """EchoNet data for echolvdm: file lists, video I/O, pixels and per-item generators, fps
 resampling, the latent video dataset, the phantom echo world (generator + EF measurement) and
-three commands.
+three commands (layout, phantom world and differences from the original: docs/data.md).
 
     python data.py phantom --out data/phantom --num-videos 200 --seed 0     # synthetic EchoNet set
     python data.py encode --root data/phantom --vae models/vae --gray-scale  # Videos/ -> Latents/
@@ -9,7 +9,6 @@ three commands.
 Follows EchoNet-Synthetic (Reynaud et al., MICCAI 2024): the `Latent` dataset of
 `echosyn/common/datasets.py`, `scripts/encode_video_dataset.py`,
 `scripts/create_reference_dataset.py` and `scripts/complete_pediatrics_filelist.py`.
-Data layout, the phantom world and the differences from the original: docs/data.md.
 """
 
 import argparse
@@ -220,16 +219,9 @@ def read_video(path, size=None):
 def save_video(path, frames, fps, fmt=None):
     """Write uint8 frames [F, H, W] (gray) or [F, H, W, 3] (RGB) as `avi` (MJPEG, qscale 1, the
     original's imageio quality 10), `mp4` (H.264), `gif`, or a `jpg`/`png` frame folder
-    `path/0000.jpg ...` (JPEG quality 100, as the original's `save_as_img`). `fmt` defaults to
-    the extension. Written under a temporary name and renamed, so a killed run leaves no half file.
-    """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
-        raise ValueError(f"{path}: frames must be uint8 [F, H, W] or [F, H, W, 3], got "
-                         f"{frames.dtype} {list(frames.shape)}")
-    fmt = fmt or os.path.splitext(path)[1].lstrip(".").lower()
-    if fmt not in ("avi", "mp4", "gif", "jpg", "png"):
-        raise ValueError(f"{path}: unknown video format {fmt!r} (avi, mp4, gif, jpg, png)")
+    `path/0000.jpg ...` (JPEG quality 100, as the original's `save_as_img`); `fmt` defaults to
+    the extension. Through write_whole: a killed run leaves no half file."""
+    frames, fmt = np.asarray(frames), fmt or os.path.splitext(path)[1].lstrip(".").lower()
 
     def write(tmp):
         if fmt in ("jpg", "png"):
@@ -704,31 +696,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("phantom", help="write a synthetic EchoNet-layout echo dataset")
-    p.add_argument("--out", default="data/phantom", help="output folder (default: %(default)s)")
-    p.add_argument("--num-videos", type=int, default=200, help="videos (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes (default: all CPUs, %(default)s); the files do not depend on it")
-    p = commands.add_parser("encode", help="encode Videos/ to Latents/ with a VAE")
-    p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
-    p.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
-    p.add_argument("--out", default=None, help="where Latents/ and FileList.csv go (default: root)")
-    p.add_argument("--gray-scale", action="store_true", help="average RGB, as the original's -g")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="frames per VAE call (default: %(default)s, the original's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (default: 0)")
-    p.add_argument("--mean", action="store_true", help="posterior means, not samples (the demo)")
-    p = commands.add_parser("reference", help="real reference frame folders for the metrics")
-    p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
-    p.add_argument("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
-    p.add_argument("--frames", type=int, default=128,
-                   help="frames per video: 128 (Dynamic) or 16 (Pediatric) (default: %(default)s)")
-    p.add_argument("--fps", type=float, default=32, help="resampling fps (default: %(default)s)")
-    p.add_argument("--num-videos", type=int, default=None,
-                   help="videos to write (default: 2048 for 128 frames, 3125 for 16)")
+    def command(name, text):  # its add_argument; --help shows the defaults
+        return commands.add_parser(name, help=text, formatter_class=
+                                   argparse.ArgumentDefaultsHelpFormatter).add_argument
+    a = command("phantom", "write a synthetic EchoNet-layout echo dataset")
+    a("--out", default="data/phantom", help="output folder")
+    a("--num-videos", type=int, default=200, help="videos")
+    a("--seed", type=int, default=0, help="same seed, same files")
+    a("--workers", type=int, default=os.cpu_count() or 1, help="processes (all CPUs); the files "
+      "do not depend on it")
+    a = command("encode", "encode Videos/ to Latents/ with a VAE")
+    a("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
+    a("--vae", default="models/vae", help="VAE model folder")
+    a("--out", default=None, help="where Latents/ and FileList.csv go (None: root)")
+    a("--gray-scale", action="store_true", help="average RGB, as the original's -g")
+    a("--batch-size", type=int, default=32, help="frames per VAE call (the original's)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a("--seed", type=int, default=0, help="seeds the posterior samples")
+    a("--mean", action="store_true", help="posterior means, not samples (the demo)")
+    a = command("reference", "real reference frame folders for the metrics")
+    a("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
+    a("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
+    a("--frames", type=int, default=128, help="frames per video: 128 (Dynamic) or 16 (Pediatric)")
+    a("--fps", type=float, default=32, help="resampling fps")
+    a("--num-videos", type=int, help="videos to write (None: 2048 for 128 frames, 3125 for 16)")
     args = parser.parse_args(argv)
     try:
         check_ranges(vars(args), {"num_videos": (1, None), "seed": (0, None), "workers": (1, None),
