@@ -37,7 +37,6 @@ from tqdm import tqdm
 import model
 
 # --- file lists ----------------------------------------------------------------------------------
-
 class DataError(Exception):
     """Bad input data; the message names the file and what is wrong (main() exits cleanly)."""
 
@@ -103,12 +102,10 @@ def write_filelist(path, rows):
     save(path, text.getvalue())
 
 # --- output folders: files written whole, one run at a time, settings recorded -------------------
-
 def write_whole(path, write):
-    """write(tmp) fills `path` under a temporary name, renamed into place when complete: a killed
-    run never leaves a half file under the real name. A failed write (a full disk, a read-only
-    folder) removes the temporary file and raises DataError naming `path`. Files get the umask's
-    permissions (open() and torch.save do; safetensors' save_file would make them 0600)."""
+    """write(tmp) fills `path` under a temporary name, renamed into place when complete (a killed
+    run never leaves a half file); a failed write (a full disk, a read-only folder) removes the
+    temporary file and raises DataError naming `path`. Files get the umask's permissions."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -186,7 +183,6 @@ def check_settings(path, settings, done, flag):
                         + f"): use the same settings to resume, or another {flag}")
 
 # --- video I/O (PyAV) ----------------------------------------------------------------------------
-
 @contextlib.contextmanager
 def _opened(path):
     """(container, its first video stream) of a video file; FFmpeg's errors -> DataError."""
@@ -249,7 +245,6 @@ def save_video(path, frames, fps, fmt=None):
     write_whole(path, write)
 
 # --- pixels, latents and per-item generators (train.py and sample.py use these too) -------------
-
 def from_pixels(frames, gray=False):
     """uint8 RGB frames [..., H, W, 3] (numpy or torch) -> float [..., 3, H, W] as the original's
     encoder input, x / 128 - 1 (in [-1, 1)); `gray` repeats the RGB mean, as its --gray_scale."""
@@ -285,14 +280,12 @@ def resample_indices(n, fps, target=32, phase=0):
     return np.linspace(0, n, count, endpoint=False).round().astype(np.int64) + phase
 
 # --- datasets ------------------------------------------------------------------------------------
-
 class LatentVideoDataset(torch.utils.data.Dataset):
     """Latent echo clips for LVDM training, as the original's `Latent` dataset (docs/data.md):
     the `split` videos with a `Latents/<FileName>.pt` longer than frames / fps seconds. An item:
     {"latents": [frames, 4, 14, 14] (zero-padded), "cond": [4, 14, 14], "ef": EF / 100,
     "n_real", "name"}, drawn from a generator seeded (seed, epoch, index): call `set_epoch`
     before each epoch's iterator (so not with persistent_workers=True)."""
-
     latent_shape = (4, 14, 14)                                 # [C, h, w] of every latent frame
 
     def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0, cond_frame="random"):
@@ -365,7 +358,6 @@ class LatentVideoDataset(torch.utils.data.Dataset):
 class FrameDataset(torch.utils.data.Dataset):
     """Single frames of `<root>/Videos/*.avi` for VAE training: item -> float [3, size, size] as
     `from_pixels` makes them (x / 128 - 1)."""
-
     def __init__(self, root, split="TRAIN", size=112):
         splits = {split} if isinstance(split, str) else set(split)
         rows = [r for r in read_filelist(root) if r["Split"] in splits]
@@ -533,7 +525,6 @@ def make_phantom(out, num_videos=200, seed=0, workers=1):
     return rows
 
 # --- EF measurement of phantom videos ------------------------------------------------------------
-
 _SLICE = np.zeros((3, 3, 3), bool)                             # 4-connected within a frame,
 _SLICE[1] = ndimage.generate_binary_structure(2, 1)            # never across frames
 _DISK = (np.hypot(*np.mgrid[-2:3, -2:3]) <= 2)[None]           # [1, 5, 5] radius-2 disk
@@ -602,7 +593,6 @@ def ef_adherence(requested, measured):
     return {"pearson_r": r, "mae": mae, "n": int(ok.sum())}
 
 # --- commands ------------------------------------------------------------------------------------
-
 def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
     """Real reference frame folders for the metrics, as the original's
     `create_reference_dataset.py` (reference/metrics.md 10.1). Returns the number of folders."""

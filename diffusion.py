@@ -13,7 +13,6 @@ import copy
 import torch
 
 # --- noise, v-prediction, noise schedule, forward process, DDPM and DDIM steps ------------------
-
 def randn(shape, generator=None, device=None, dtype=None):
     """N(0, I) noise of `shape` drawn as diffusers' randn_tensor, on the generator's device, from
     the global RNG, one generator, or shape[0] (item i from generator i, whatever its batch)."""

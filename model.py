@@ -110,7 +110,6 @@ def per_block(value, n: int) -> list:
     return values
 
 # --- building blocks, smallest first -----------------------------------------------------------
-
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [len(t), dim], cosines first (diffusers' flip_sin_to_cos=True)."""
     # freq_k = 10000^(-k / half) for k < half = dim // 2 (Vaswani et al. 2017, Sec. 3.5), in
@@ -286,7 +285,6 @@ class Resample2D(nn.Module):
         return self.conv(x)
 
 # --- the UNet ----------------------------------------------------------------------------------
-
 class UNetSpatioTemporal(nn.Module):
     """diffusers' UNetSpatioTemporalConditionModel: the denoiser of EchoNet-Synthetic's LVDM."""
     class_name = "UNetSpatioTemporalConditionModel"
@@ -401,7 +399,6 @@ class UNetSpatioTemporal(nn.Module):
         return x.reshape(B, Fr, *x.shape[1:])                              # (B, F, Cout, H, W)
 
 # --- the autoencoder ---------------------------------------------------------------------------
-
 class DiagonalGaussian:
     """The encoder's posterior q(z | x) = N(mean, std^2) (Kingma & Welling 2014)."""
     def __init__(self, moments: torch.Tensor):  # moments: (B, 2 * latent, h, w)
