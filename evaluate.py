@@ -40,27 +40,26 @@ import data
 
 parser = argparse.ArgumentParser(description="FID / FVD / IS under the StyleGAN-V protocol.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-arg = parser.add_argument
-arg("--real", help="reference folder <video>/<frame>.jpg (--real_data_path)")
-arg("--fake", required=True, help="generated folder <video>/<frame>.jpg, or flat images for "
-    "fid/is (StyleGAN-V's --fake_data_path)")
-arg("--metrics", default="fvd2048_16f,fvd2048_128f,fid50k_full,is50k", help="StyleGAN-V names, "
-    "EchoNet-Synthetic's by default; smaller counts parse too (fvd64_16f, fid500_full, is2k); "
-    "'ef': EF adherence of phantom videos")
-arg("--resolution", type=int, default=112, help="every frame's size")
-arg("--seed", type=int, default=0, help="real FVD clip offsets (StyleGAN-V: none)")
-arg("--detectors", default="models/detectors", help="`export.py detectors --out`")
-arg("--out", default="metrics.jsonl", help="append one JSON line per metric")
-arg("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser(
-    "~/.cache")), "echolvdm", "metrics"), help="real-set statistics cache, keyed by folder contents")
-arg("--no-cache", action="store_true", help="neither read nor write the cache")
-arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device; under "
-    "torchrun cuda:LOCAL_RANK")
-arg("--workers", type=int, default=3, help="jpg-decoding DataLoader processes")
-arg("--no-progress", action="store_true", help="hide the progress bars")
+parser.add_argument("--real", help="reference folder <video>/<frame>.jpg (--real_data_path)")
+parser.add_argument("--fake", required=True, help="generated folder <video>/<frame>.jpg, or "
+                    "flat images for fid/is (StyleGAN-V's --fake_data_path)")
+parser.add_argument("--metrics", default="fvd2048_16f,fvd2048_128f,fid50k_full,is50k",
+                    help="StyleGAN-V names, EchoNet-Synthetic's by default; smaller counts parse "
+                    "too (fvd64_16f, fid500_full, is2k); 'ef': EF adherence of phantom videos")
+parser.add_argument("--resolution", type=int, default=112, help="every frame's size")
+parser.add_argument("--seed", type=int, default=0, help="real FVD clip offsets (StyleGAN-V: none)")
+parser.add_argument("--detectors", default="models/detectors", help="`export.py detectors --out`")
+parser.add_argument("--out", default="metrics.jsonl", help="append one JSON line per metric")
+parser.add_argument("--cache-dir", default=os.path.join(os.environ.get(
+    "XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "echolvdm", "metrics"),
+                    help="real-set statistics cache, keyed by folder contents")
+parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device; under torchrun cuda:LOCAL_RANK")
+parser.add_argument("--workers", type=int, default=3, help="jpg-decoding DataLoader processes")
+parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-class EvalError(Exception):
-    """Bad input (folder, weights, protocol); `main()` turns it into a one-line exit."""
+EvalError = data.DataError  # bad input (folder, weights, protocol): main() prints one line
 
 # --- Inception-v3 (FID, IS) [detectors.md A] -------------------------------------------------
 def tf1_resize(x, out_h: int, out_w: int):
@@ -638,7 +637,7 @@ def main(argv=None):
     """Command line entry point; bad input ends in one line naming the file or flag."""
     try:
         return run(parser.parse_args(argv))
-    except (EvalError, data.DataError) as err:            # data: a full disk, a read-only folder
+    except EvalError as err:            # also data.py's: a full disk, a read-only folder
         raise SystemExit(f"evaluate.py: error: {data.error_line(err)}") from None
 
 if __name__ == "__main__":
