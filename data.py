@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import model
 
+
 # --- file lists ----------------------------------------------------------------------------------
 class DataError(Exception):
     """Bad input data; the message names the file and what is wrong (main() exits cleanly)."""

@@ -12,6 +12,7 @@ import copy
 
 import torch
 
+
 # --- noise, v-prediction, noise schedule, forward process, DDPM and DDIM steps ------------------
 def randn(shape, generator=None, device=None, dtype=None):
     """N(0, I) noise of `shape` drawn as diffusers' randn_tensor, on the generator's device, from
