@@ -302,7 +302,6 @@ def check_folder(path, flag):
 
 def list_images(root):
     """FID/IS reader: every image under `root`, any depth, relative paths sorted as strings."""
-    check_folder(root, "folder")
     files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root)
                    for f in names if os.path.splitext(f)[1].lower() in IMAGES)
     if not files:
@@ -311,7 +310,6 @@ def list_images(root):
 
 def list_videos(root):
     """FVD reader: [(video, [frame, ...])] per sub-folder of images, sorted (depth 2 only)."""
-    check_folder(root, "folder")
     videos = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
