@@ -1,6 +1,6 @@
 """EchoNet data for echolvdm: file lists, video I/O, pixels and per-item generators, fps
 resampling, the latent video dataset, the phantom echo world (generator + EF measurement) and
-three commands.
+three commands (layout, phantom world and differences from the original: docs/data.md).
 
     python data.py phantom --out data/phantom --num-videos 200 --seed 0     # synthetic EchoNet set
     python data.py encode --root data/phantom --vae models/vae --gray-scale  # Videos/ -> Latents/
@@ -9,7 +9,6 @@ three commands.
 Follows EchoNet-Synthetic (Reynaud et al., MICCAI 2024): the `Latent` dataset of
 `echosyn/common/datasets.py`, `scripts/encode_video_dataset.py`,
 `scripts/create_reference_dataset.py` and `scripts/complete_pediatrics_filelist.py`.
-Data layout, the phantom world and the differences from the original: docs/data.md.
 """
 
 import argparse
@@ -37,8 +36,8 @@ from tqdm import tqdm
 
 import model
 
-# --- file lists ----------------------------------------------------------------------------------
 
+# --- file lists ----------------------------------------------------------------------------------
 class DataError(Exception):
     """Bad input data; the message names the file and what is wrong (main() exits cleanly)."""
 
@@ -104,12 +103,10 @@ def write_filelist(path, rows):
     save(path, text.getvalue())
 
 # --- output folders: files written whole, one run at a time, settings recorded -------------------
-
 def write_whole(path, write):
-    """write(tmp) fills `path` under a temporary name, renamed into place when complete: a killed
-    run never leaves a half file under the real name. A failed write (a full disk, a read-only
-    folder) removes the temporary file and raises DataError naming `path`. Files get the umask's
-    permissions (open() and torch.save do; safetensors' save_file would make them 0600)."""
+    """write(tmp) fills `path` under a temporary name, renamed into place when complete (a killed
+    run never leaves a half file); a failed write (a full disk, a read-only folder) removes the
+    temporary file and raises DataError naming `path`. Files get the umask's permissions."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -187,7 +184,6 @@ def check_settings(path, settings, done, flag):
                         + f"): use the same settings to resume, or another {flag}")
 
 # --- video I/O (PyAV) ----------------------------------------------------------------------------
-
 @contextlib.contextmanager
 def _opened(path):
     """(container, its first video stream) of a video file; FFmpeg's errors -> DataError."""
@@ -220,16 +216,9 @@ def read_video(path, size=None):
 def save_video(path, frames, fps, fmt=None):
     """Write uint8 frames [F, H, W] (gray) or [F, H, W, 3] (RGB) as `avi` (MJPEG, qscale 1, the
     original's imageio quality 10), `mp4` (H.264), `gif`, or a `jpg`/`png` frame folder
-    `path/0000.jpg ...` (JPEG quality 100, as the original's `save_as_img`). `fmt` defaults to
-    the extension. Written under a temporary name and renamed, so a killed run leaves no half file.
-    """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
-        raise ValueError(f"{path}: frames must be uint8 [F, H, W] or [F, H, W, 3], got "
-                         f"{frames.dtype} {list(frames.shape)}")
-    fmt = fmt or os.path.splitext(path)[1].lstrip(".").lower()
-    if fmt not in ("avi", "mp4", "gif", "jpg", "png"):
-        raise ValueError(f"{path}: unknown video format {fmt!r} (avi, mp4, gif, jpg, png)")
+    `path/0000.jpg ...` (JPEG quality 100, as the original's `save_as_img`); `fmt` defaults to
+    the extension. Through write_whole: a killed run leaves no half file."""
+    frames, fmt = np.asarray(frames), fmt or os.path.splitext(path)[1].lstrip(".").lower()
 
     def write(tmp):
         if fmt in ("jpg", "png"):
@@ -257,7 +246,6 @@ def save_video(path, frames, fps, fmt=None):
     write_whole(path, write)
 
 # --- pixels, latents and per-item generators (train.py and sample.py use these too) -------------
-
 def from_pixels(frames, gray=False):
     """uint8 RGB frames [..., H, W, 3] (numpy or torch) -> float [..., 3, H, W] as the original's
     encoder input, x / 128 - 1 (in [-1, 1)); `gray` repeats the RGB mean, as its --gray_scale."""
@@ -293,14 +281,12 @@ def resample_indices(n, fps, target=32, phase=0):
     return np.linspace(0, n, count, endpoint=False).round().astype(np.int64) + phase
 
 # --- datasets ------------------------------------------------------------------------------------
-
 class LatentVideoDataset(torch.utils.data.Dataset):
     """Latent echo clips for LVDM training, as the original's `Latent` dataset (docs/data.md):
     the `split` videos with a `Latents/<FileName>.pt` longer than frames / fps seconds. An item:
     {"latents": [frames, 4, 14, 14] (zero-padded), "cond": [4, 14, 14], "ef": EF / 100,
     "n_real", "name"}, drawn from a generator seeded (seed, epoch, index): call `set_epoch`
     before each epoch's iterator (so not with persistent_workers=True)."""
-
     latent_shape = (4, 14, 14)                                 # [C, h, w] of every latent frame
 
     def __init__(self, roots, split="TRAIN", frames=64, fps=32, seed=0, cond_frame="random"):
@@ -373,7 +359,6 @@ class LatentVideoDataset(torch.utils.data.Dataset):
 class FrameDataset(torch.utils.data.Dataset):
     """Single frames of `<root>/Videos/*.avi` for VAE training: item -> float [3, size, size] as
     `from_pixels` makes them (x / 128 - 1)."""
-
     def __init__(self, root, split="TRAIN", size=112):
         splits = {split} if isinstance(split, str) else set(split)
         rows = [r for r in read_filelist(root) if r["Split"] in splits]
@@ -541,7 +526,6 @@ def make_phantom(out, num_videos=200, seed=0, workers=1):
     return rows
 
 # --- EF measurement of phantom videos ------------------------------------------------------------
-
 _SLICE = np.zeros((3, 3, 3), bool)                             # 4-connected within a frame,
 _SLICE[1] = ndimage.generate_binary_structure(2, 1)            # never across frames
 _DISK = (np.hypot(*np.mgrid[-2:3, -2:3]) <= 2)[None]           # [1, 5, 5] radius-2 disk
@@ -610,7 +594,6 @@ def ef_adherence(requested, measured):
     return {"pearson_r": r, "mae": mae, "n": int(ok.sum())}
 
 # --- commands ------------------------------------------------------------------------------------
-
 def make_reference(root, out, frames=128, fps=32.0, num_videos=None):
     """Real reference frame folders for the metrics, as the original's
     `create_reference_dataset.py` (reference/metrics.md 10.1). Returns the number of folders."""
@@ -704,31 +687,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("phantom", help="write a synthetic EchoNet-layout echo dataset")
-    p.add_argument("--out", default="data/phantom", help="output folder (default: %(default)s)")
-    p.add_argument("--num-videos", type=int, default=200, help="videos (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same files (default: 0)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes (default: all CPUs, %(default)s); the files do not depend on it")
-    p = commands.add_parser("encode", help="encode Videos/ to Latents/ with a VAE")
-    p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
-    p.add_argument("--vae", default="models/vae", help="VAE model folder (default: %(default)s)")
-    p.add_argument("--out", default=None, help="where Latents/ and FileList.csv go (default: root)")
-    p.add_argument("--gray-scale", action="store_true", help="average RGB, as the original's -g")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="frames per VAE call (default: %(default)s, the original's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (default: 0)")
-    p.add_argument("--mean", action="store_true", help="posterior means, not samples (the demo)")
-    p = commands.add_parser("reference", help="real reference frame folders for the metrics")
-    p.add_argument("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
-    p.add_argument("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
-    p.add_argument("--frames", type=int, default=128,
-                   help="frames per video: 128 (Dynamic) or 16 (Pediatric) (default: %(default)s)")
-    p.add_argument("--fps", type=float, default=32, help="resampling fps (default: %(default)s)")
-    p.add_argument("--num-videos", type=int, default=None,
-                   help="videos to write (default: 2048 for 128 frames, 3125 for 16)")
+    def command(name, text):  # its add_argument; --help shows the defaults
+        return commands.add_parser(name, help=text, formatter_class=
+                                   argparse.ArgumentDefaultsHelpFormatter).add_argument
+    a = command("phantom", "write a synthetic EchoNet-layout echo dataset")
+    a("--out", default="data/phantom", help="output folder")
+    a("--num-videos", type=int, default=200, help="videos")
+    a("--seed", type=int, default=0, help="same seed, same files")
+    a("--workers", type=int, default=os.cpu_count() or 1, help="processes (all CPUs); the files "
+      "do not depend on it")
+    a = command("encode", "encode Videos/ to Latents/ with a VAE")
+    a("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
+    a("--vae", default="models/vae", help="VAE model folder")
+    a("--out", default=None, help="where Latents/ and FileList.csv go (None: root)")
+    a("--gray-scale", action="store_true", help="average RGB, as the original's -g")
+    a("--batch-size", type=int, default=32, help="frames per VAE call (the original's)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a("--seed", type=int, default=0, help="seeds the posterior samples")
+    a("--mean", action="store_true", help="posterior means, not samples (the demo)")
+    a = command("reference", "real reference frame folders for the metrics")
+    a("--root", required=True, help="EchoNet-layout folder (FileList.csv + Videos/)")
+    a("--out", required=True, help="output folder of <FileName>/0000.jpg ...")
+    a("--frames", type=int, default=128, help="frames per video: 128 (Dynamic) or 16 (Pediatric)")
+    a("--fps", type=float, default=32, help="resampling fps")
+    a("--num-videos", type=int, help="videos to write (None: 2048 for 128 frames, 3125 for 16)")
     args = parser.parse_args(argv)
     try:
         check_ranges(vars(args), {"num_videos": (1, None), "seed": (0, None), "workers": (1, None),

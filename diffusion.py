@@ -12,8 +12,8 @@ import copy
 
 import torch
 
-# --- noise, v-prediction, noise schedule, forward process, DDPM and DDIM steps ------------------
 
+# --- noise, v-prediction, noise schedule, forward process, DDPM and DDIM steps ------------------
 def randn(shape, generator=None, device=None, dtype=None):
     """N(0, I) noise of `shape` drawn as diffusers' randn_tensor, on the generator's device, from
     the global RNG, one generator, or shape[0] (item i from generator i, whatever its batch)."""
@@ -84,13 +84,8 @@ class _Scheduler:
         self.num_inference_steps = n
 
 class DDPM(_Scheduler):
-    """Ancestral DDPM sampler (Ho et al. 2020, Algorithm 2) over the chosen timesteps."""
-    def __init__(self, variance_type="fixed_small", **overrides):
-        if variance_type not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"variance_type={variance_type!r}: use fixed_small or fixed_large")
-        super().__init__(**overrides)
-        self.config["variance_type"] = variance_type
-
+    """Ancestral DDPM sampler (Ho et al. 2020, Algorithm 2) over the chosen timesteps, with
+    diffusers' variance_type "fixed_small" (the original's)."""
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
         """x_t [B, ...] -> x_prev (and the clipped x0 with return_x0) from the UNet's v at t, an
         entry of `.timesteps` (prev_t the next, -1 after the last: before set_timesteps, all N
@@ -108,23 +103,20 @@ class DDPM(_Scheduler):
         # Posterior mean of q(x_prev | x_t, x0), Ho et al. 2020, Eq. 7:
         #   mu = sqrt(a_p) beta / (1 - a_t) x0 + sqrt(alpha) (1 - a_p) / (1 - a_t) x_t
         x_prev = (a_p**0.5 * beta) / b_t * x0 + alpha**0.5 * b_p / b_t * x_t
-        if t > 0:
-            # sigma^2 = beta~ = (1 - a_p) / (1 - a_t) beta (Eq. 7), or beta for fixed_large
-            var = beta if self.config["variance_type"] == "fixed_large" else torch.clamp(
-                b_p / b_t * beta, min=1e-20)
+        if t > 0:  # sigma^2 = beta~ = (1 - a_p) / (1 - a_t) beta (Eq. 7)
+            var = torch.clamp(b_p / b_t * beta, min=1e-20)
             z = randn(model_output.shape, generator, model_output.device, model_output.dtype)
             x_prev = x_prev + var**0.5 * z
         return (x_prev, x0) if return_x0 else x_prev
 
 class DDIM(_Scheduler):
-    """DDIM sampler (Song et al. 2021, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
-    def __init__(self, eta=0.0, set_alpha_to_one=True, **overrides):
+    """DDIM sampler (Song et al. 2021, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like;
+    a_p = 1 after the last step (diffusers' set_alpha_to_one=True, the original's)."""
+    def __init__(self, eta=0.0, **overrides):
         if not eta >= 0:
             raise ValueError(f"eta={eta!r}: need eta >= 0")
         super().__init__(**overrides)
         self.eta = eta
-        self.config["set_alpha_to_one"] = set_alpha_to_one  # after the last step: 1 or alpha_bar_0
-        self.final_alpha_cumprod = self.one if set_alpha_to_one else self.alphas_cumprod[0]
 
     def step(self, model_output, t, x_t, generator=None, return_x0=False):
         """As DDPM.step, prev_t = t - N // n; noise drawn at every step if eta > 0, else never."""
@@ -133,7 +125,7 @@ class DDIM(_Scheduler):
         t = int(t)
         prev_t = t - self.config["num_train_timesteps"] // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
-        a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        a_p = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         b_t, b_p = 1 - a_t, 1 - a_p
         x0, eps = predict_x0_eps(model_output, x_t, a_t, self.clip)
         # Song et al. 2021, Eq. 16: sigma = eta sqrt((1 - a_p) / (1 - a_t)) sqrt(1 - a_t / a_p),

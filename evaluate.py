@@ -59,8 +59,7 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--workers", type=int, default=3, help="jpg-decoding DataLoader processes")
 parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-class EvalError(Exception):
-    """Bad input (folder, weights, protocol); `main()` turns it into a one-line exit."""
+EvalError = data.DataError  # bad input (folder, weights, protocol): main() prints one line
 
 # --- Inception-v3 (FID, IS) [detectors.md A] -------------------------------------------------
 def tf1_resize(x, out_h: int, out_w: int):
@@ -303,7 +302,6 @@ def check_folder(path, flag):
 
 def list_images(root):
     """FID/IS reader: every image under `root`, any depth, relative paths sorted as strings."""
-    check_folder(root, "folder")
     files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root)
                    for f in names if os.path.splitext(f)[1].lower() in IMAGES)
     if not files:
@@ -312,7 +310,6 @@ def list_images(root):
 
 def list_videos(root):
     """FVD reader: [(video, [frame, ...])] per sub-folder of images, sorted (depth 2 only)."""
-    check_folder(root, "folder")
     videos = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
@@ -638,7 +635,7 @@ def main(argv=None):
     """Command line entry point; bad input ends in one line naming the file or flag."""
     try:
         return run(parser.parse_args(argv))
-    except (EvalError, data.DataError) as err:            # data: a full disk, a read-only folder
+    except EvalError as err:            # also data.py's: a full disk, a read-only folder
         raise SystemExit(f"evaluate.py: error: {data.error_line(err)}") from None
 
 if __name__ == "__main__":

