@@ -23,7 +23,8 @@ FRAMES ?= 16
 FPS ?= 12
 SAMPLER ?= dpm
 SAMPLE_STEPS ?= 8
-# auto: the scale of calibrate's best EF MAE on the VAL phantoms (other hearts, other EFs)
+# auto: calibrate's scale of the best EF MAE on the VAL phantoms (other hearts, other EFs)
+# among CANDIDATES and the scale where their EF slope (measured on asked) reaches 1
 GUIDANCE ?= auto
 CANDIDATES ?= 1.5 3
 GUIDE = $(if $(filter auto,$(GUIDANCE)),$$(cat $(DEMO)/calibrate/guidance),$(GUIDANCE))
