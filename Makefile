@@ -1,5 +1,6 @@
 # The phantom demo: synthetic echoes -> VAE -> latents -> LVDM -> sampled videos -> EF adherence.
-#   make demo        8 minutes on a 2-core laptop CPU: 32 videos, EF r, MAE (guidance chosen on VAL)
+#   make demo        8 minutes on a 2-core laptop CPU: 32 videos, EF r, MAE (guidance, EF shift
+#                    chosen on VAL hearts)
 #   make demo-curve  after make demo: r and MAE of every LVDM checkpoint -> $(DEMO)/curve/curve.png
 #   make demo-sweep  after make demo: guidance 1-4, DPM 5/16, DDIM 5-50 vs DDPM 64 -> sweep/sweep.md
 #   make demo-long   the same with budgets that let the models learn more (32 minutes measured)
@@ -28,6 +29,10 @@ SAMPLE_STEPS ?= 8
 GUIDANCE ?= auto
 CANDIDATES ?= 1.5 3
 GUIDE = $(if $(filter auto,$(GUIDANCE)),$$(cat $(DEMO)/calibrate/guidance),$(GUIDANCE))
+# auto: EF points added to each asked EF before the UNet sees it, the opposite of the VAL videos'
+# mean EF error at that scale (calibrate; 0 when GUIDANCE is a number); a number fixes it
+EF_SHIFT ?= auto
+SHIFT = $(if $(filter auto,$(EF_SHIFT)),$(if $(filter auto,$(GUIDANCE)),$$(cat $(DEMO)/calibrate/ef_shift),0),$(EF_SHIFT))
 # sample.py animates each TEST phantom from its end-diastolic frame (first: its first frame)
 COND_FRAME ?= ed
 # demo-sweep's autoguided rows take the null-EF pass from the LVDM's checkpoint-$(GUIDE_STEP)
@@ -61,22 +66,22 @@ demo:
 	    --conditioning $(DEMO)/phantom --output $(DEMO)/samples --num_samples $(SAMPLES) \
 	    --batch_size $(SAMPLES) --frames $(FRAMES) --fps $(FPS) --sampler $(SAMPLER) \
 	    --num_steps $(SAMPLE_STEPS) --guidance $(GUIDE) --seed $(SEED) --min_lvef 10 \
-	    --max_lvef 90 --save_as avi,gif,jpg --cond_frame $(COND_FRAME)
+	    --max_lvef 90 --save_as avi,gif,jpg --cond_frame $(COND_FRAME) --ef_shift $(SHIFT)
 	$(PY) evaluate.py --fake $(DEMO)/samples/jpg --real $(DEMO)/phantom --metrics ef \
 	    --out $(DEMO)/results.jsonl
 	@echo "videos: $(DEMO)/samples/{avi,gif,jpg}/  per-video EF: $(DEMO)/samples/ef_measured.csv"
-	@echo "guidance: $(GUIDE) (auto: $(DEMO)/calibrate/calibrate.json)"
+	@echo "guidance: $(GUIDE), EF shift: $(SHIFT) (auto: $(DEMO)/calibrate/calibrate.json)"
 	@echo "picture: $(DEMO)/samples/ef_strip.png  numbers appended to: $(DEMO)/results.jsonl"
 
 demo-curve:
 	$(PY) benchmarks/time_to_quality.py curve --run $(DEMO)/runs/lvdm $(SCORE) \
 	    --out $(DEMO)/curve --guidance $(GUIDE) --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) \
-	    --frames $(FRAMES) --fps $(FPS)
+	    --frames $(FRAMES) --fps $(FPS) --ef-shift $(SHIFT)
 
 demo-sweep:
 	$(PY) benchmarks/time_to_quality.py sweep --unet $(DEMO)/models/lvdm $(SCORE) \
 	    --out $(DEMO)/sweep --sampler $(SAMPLER) --steps $(SAMPLE_STEPS) --guidance $(GUIDE) \
-	    --frames $(FRAMES) --fps $(FPS) \
+	    --frames $(FRAMES) --fps $(FPS) --ef-shift $(SHIFT) \
 	    --guide $(DEMO)/runs/lvdm/checkpoint-$(GUIDE_STEP)
 
 demo-long:

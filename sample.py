@@ -54,6 +54,9 @@ arg("--guide_unet", help="autoguidance: the null-EF pass of --guidance from this
     "early checkpoint of the same run, e.g. out/lvdm/checkpoint-100) instead of --unet")
 arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
 arg("--max_lvef", type=int, default=90, help="highest EF in %% (default: %(default)s)")
+arg("--ef_shift", type=float, default=0.0, help="EF points added to each requested EF before the "
+    "UNet sees it, a correction measured on other videos (FileList.csv keeps the requested EF; "
+    "default: 0)")
 arg("--frames", type=int, default=192, help="frames per video, rounded up to a multiple of half "
     "the UNet's num_frames (32) (default: %(default)s)")
 arg("--seed", type=int, default=0, help="video i's generator is seeded (seed, i) (default: 0)")
@@ -73,7 +76,8 @@ UNET, TRAIN_OUT = "UNetSpatioTemporalConditionModel", "out/lvdm"  # --unet's fal
 # Every numeric flag's range (None: unbounded), checked before any work; NaN and inf fail too.
 RANGES = {"num_samples": (1, None), "num_steps": (1, 1000), "guidance": (0, None),  # 1000: the
           "frames": (1, None), "seed": (0, None), "fps": (1, None),  # training schedule's steps
-          "batch_size": (1, None), "decode_chunk": (1, None)}  # EFs: 0 <= min <= max <= 100
+          "batch_size": (1, None), "decode_chunk": (1, None),  # EFs: 0 <= min <= max <= 100
+          "ef_shift": (-50, 50)}
 HINTS = ("get the weights from Hugging Face HReynaud/EchoNet-Synthetic (lvdm/ -> models/lvdm, "
          "vae/ -> models/vae) or train your own (make demo; or python train.py ... then python "
          "export.py)", "give --conditioning a folder of [4, 14, 14] .pt latents or of 112x112 "
@@ -217,6 +221,8 @@ def setup(args, device):
         ("guide_unet", weak_path)]})
     job.settings.update(frames=job.frames, window=window, residual=residual,
                         device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
+    if args.ef_shift:                                # recorded only when used: old folders resume
+        job.settings["ef_shift"] = args.ef_shift
     return job
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -258,7 +264,7 @@ def sample_batch(args, job, index, formats):
     with torch.inference_mode():
         x = conditioning([job.paths[i % len(job.paths)] for i in index], job.shape, job.vae,
                          generators, job.device)  # video i: file i mod N
-        ef = torch.tensor(efs, device=job.device) / 100
+        ef = (torch.tensor(efs, device=job.device) + args.ef_shift) / 100  # EF as the UNet sees it
         latents = diffusion.sample(job.unet, job.scheduler, x, ef, generators,
                                    max(job.frames, job.window), job.window, job.window // 2,
                                    args.guidance, job.amp, job.residual, job.weak)[:, :job.frames]

@@ -12,8 +12,9 @@ measures their EF), against training minutes and steps, and over guidance and sa
 `make demo-curve` and `make demo-sweep` run these after `make demo`. The videos are
 conditioned on the TEST phantoms' frames (sample.py's default split); nothing here is tuned
 on them: calibrate chooses the guidance on the VAL phantoms (other hearts) at other requested
-EFs (seed + 1000), and prints it. curve.png: r and MAE against training minutes (log.jsonl's
-train_s), steps marked.
+EFs (seed + 1000), and prints it, and measures there the EF shift that cancels the videos' mean
+EF error (<out>/ef_shift, sample.py --ef_shift). curve.png: r and MAE against training minutes
+(log.jsonl's train_s), steps marked.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import PIL.ImageDraw
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None, cond=None):
+def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None, cond=None, shift=0.0):
     """Samples args.samples videos from `unet` (the null-EF pass from `weak`, if given: sample.py
     --guide_unet; conditioned on `cond`, else args.data's TEST phantoms) into out/ and returns
     evaluate.py's EF row."""
@@ -37,7 +38,7 @@ def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None, cond=Non
            "--batch_size", str(args.samples), "--frames", str(args.frames), "--fps", str(args.fps),
            "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
            "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg",
-           "--cond_frame", args.cond_frame]
+           "--cond_frame", args.cond_frame, "--ef_shift", str(shift)]
     run += ["--guide_unet", weak] if weak else []
     subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
     results = os.path.join(out, "results.jsonl")
@@ -96,7 +97,7 @@ def curve(args):
             if args.guide_step and step > args.guide_step else None
         ef = score(os.path.join(args.run, f"checkpoint-{step}"), args,
                    os.path.join(args.out, f"step-{step}"), args.guidance, args.sampler,
-                   args.steps, weak)
+                   args.steps, weak, shift=args.ef_shift)
         points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60, "weak": weak,
                        "r": ef["ef_pearson_r"], "mae": ef["ef_mae"], "n": ef["ef_n"]})
         print(f"step {step:5d}  {points[-1]['minutes']:5.1f} min  r {points[-1]['r']:.3f}  "
@@ -120,7 +121,8 @@ def sweep(args):
              "|---|---|---|---|---|---|"]
     for g, sampler, steps, weak in cases:
         name = f"g{g:g}-{sampler}{steps}" + ("-auto" if weak else "")
-        ef = score(args.unet, args, os.path.join(args.out, name), g, sampler, steps, weak)
+        ef = score(args.unet, args, os.path.join(args.out, name), g, sampler, steps, weak,
+                   shift=args.ef_shift)
         source = "(none)" if g == 1 else os.path.basename(weak) if weak else "the model itself"
         lines.append(f"| {g:g} | {source} | {sampler.upper()} | {steps} | "
                      f"{ef['ef_pearson_r']:.3f} | {ef['ef_mae']:.2f} |")
@@ -130,15 +132,17 @@ def sweep(args):
     print(f"wrote {args.out}/sweep.md")
 
 
-def ef_slope(out):
-    """The least-squares slope of measured on requested EF over out/ef_measured.csv (evaluate.py
-    writes it): 1 when the videos' EFs spread as far as the asked ones, below 1 when they bunch."""
+def ef_line(out):
+    """Slope and mean error of measured on requested EF over out/ef_measured.csv (evaluate.py
+    writes it). The slope is 1 when the videos' EFs spread as far as the asked ones, below 1 when
+    they bunch; the mean error is how far they land above the asked EFs on average."""
     with open(os.path.join(out, "ef_measured.csv")) as f:
         pairs = [(float(r), float(m)) for _, r, m in
                  (line.split(",") for line in f.read().splitlines()[1:]) if m != "nan"]
     mr, mm = (sum(x) / len(pairs) for x in zip(*pairs))
-    return (sum((r - mr) * (m - mm) for r, m in pairs)
-            / max(sum((r - mr) ** 2 for r, _ in pairs), 1e-9))
+    slope = (sum((r - mr) * (m - mm) for r, m in pairs)
+             / max(sum((r - mr) ** 2 for r, _ in pairs), 1e-9))
+    return slope, mm - mr
 
 
 def calibrate(args):
@@ -146,8 +150,9 @@ def calibrate(args):
     frame (data.end_diastole) at EFs drawn with seed + 1000, so neither the hearts nor the EFs
     are the TEST videos'. Tries --candidates, then (--refine) the scale where the line through
     the first two candidates' EF slopes (measured on asked; stronger guidance spreads the EFs
-    wider) reaches 1, clipped to --refine-range and rounded to 0.25. Writes calibrate.json,
-    prints the guidance."""
+    wider) reaches 1, clipped to --refine-range and rounded to 0.25. With --shift, the EF shift
+    that cancels the VAL videos' mean error at that guidance (sample.py --ef_shift) goes to
+    <out>/ef_shift. Writes calibrate.json, prints the guidance."""
     sys.path.insert(0, HERE)
     import torch
 
@@ -161,12 +166,12 @@ def calibrate(args):
             torch.save(latent[data.end_diastole(args.data, name)].clone(),
                        os.path.join(cond, name + ".pt"))
     args.seed += 1000
-    mae, slope = {}, {}
+    mae, slope, error = {}, {}, {}
 
     def probe(g):
         out = os.path.join(args.out, f"g{g:g}")
         mae[g] = score(args.unet, args, out, g, args.sampler, args.steps, cond=cond)["ef_mae"]
-        slope[g] = ef_slope(out)
+        slope[g], error[g] = ef_line(out)
 
     for g in args.candidates:
         probe(g)
@@ -178,11 +183,15 @@ def calibrate(args):
         if round(one * 4) / 4 not in mae:
             probe(round(one * 4) / 4)
     best = min(mae, key=mae.get)
+    shift = -round(error[best], 1) if args.shift else 0.0
+    with open(os.path.join(args.out, "ef_shift"), "w") as f:
+        f.write(f"{shift:g}\n")
     with open(os.path.join(args.out, "calibrate.json"), "w") as f:
-        json.dump({"guidance": best, "val_ef_mae": mae, "val_ef_slope": slope}, f)
+        json.dump({"guidance": best, "ef_shift": shift, "val_ef_mae": mae, "val_ef_slope": slope,
+                   "val_ef_mean_error": error}, f)
     print(f"{best:g}")
-    print(f"guidance {best:g}: EF MAE " + ", ".join(
-        f"{mae[g]:.2f} (slope {slope[g]:.2f}) at {g:g}" for g in mae)
+    print(f"guidance {best:g}, EF shift {shift:+g}: EF MAE " + ", ".join(
+        f"{mae[g]:.2f} (slope {slope[g]:.2f}, mean error {error[g]:+.2f}) at {g:g}" for g in mae)
         + f" on {args.samples} VAL-conditioned videos", file=sys.stderr)
 
 
@@ -214,6 +223,10 @@ def main():
                    help="calibrate: also try where the candidates' EF slope reaches 1")
     p.add_argument("--refine-range", type=float, nargs=2, default=[1.0, 6.0],
                    help="calibrate: the scales --refine may try (default: 1 6)")
+    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
+                   help="calibrate: also measure the EF shift that cancels the mean error")
+    p.add_argument("--ef-shift", type=float, default=0.0, help="curve, sweep: sample.py "
+                   "--ef_shift (default: 0)")
     p.add_argument("--cond-frame", default="ed", choices=["ed", "first"],
                    help="sample.py --cond_frame (default: ed, as make demo)")
     args = p.parse_args()

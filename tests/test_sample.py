@@ -389,7 +389,8 @@ def test_unknown_format_is_a_usage_error(capsys):
 @pytest.mark.parametrize("flag, value", [("guidance", "nan"), ("guidance", "inf"),
                                          ("guidance", "-1"), ("fps", "nan"), ("fps", "0"),
                                          ("num_steps", "1001"), ("decode_chunk", "0"),
-                                         ("seed", "-1"), ("batch_size", "0")])
+                                         ("seed", "-1"), ("batch_size", "0"),
+                                         ("ef_shift", "nan"), ("ef_shift", "60")])
 def test_numeric_flags_must_be_finite_and_in_range(folders, tmp_path, flag, value):
     """Every numeric flag is checked before any work: NaN, inf and out-of-range values give a
     one-line error naming the flag, and no output folder is made."""
@@ -398,6 +399,26 @@ def test_numeric_flags_must_be_finite_and_in_range(folders, tmp_path, flag, valu
     assert str(e.value).startswith(f"error: --{flag} ") and "must be a finite number" in \
         str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_ef_shift_moves_only_the_ef_the_unet_sees(folders, tmp_path, monkeypatch):
+    """--ef_shift adds EF points to what the UNet is given, not to what FileList.csv records
+    (the requested EF, which is scored); 0 leaves the run as it was, settings.json included."""
+    seen, real_sample = [], diffusion.sample
+    def spy(unet, scheduler, x, ef, *args):
+        seen.append(ef.clone())
+        return real_sample(unet, scheduler, x, ef, *args)
+    monkeypatch.setattr(diffusion, "sample", spy)
+    for shift in ("0", "5"):
+        run(folders, tmp_path / shift, "--num_samples", "2", "--save_as", "pt",
+            "--num_steps", "2", "--ef_shift", shift)
+    lists = [(tmp_path / s / "FileList.csv").read_text() for s in ("0", "5")]
+    assert lists[0] == lists[1]
+    efs = [int(r["EF"]) for r in csv.DictReader(lists[0].splitlines())]
+    assert torch.equal(seen[0], torch.tensor(efs) / 100)          # bit for bit as without it
+    assert torch.allclose(seen[1], (torch.tensor(efs) + 5.0) / 100)
+    settings = [json.loads((tmp_path / s / "settings.json").read_text()) for s in ("0", "5")]
+    assert "ef_shift" not in settings[0] and settings[1]["ef_shift"] == 5.0
 
 
 def test_resume_at_another_fps_is_refused(folders, tmp_path):
@@ -479,7 +500,7 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
     """benchmarks/time_to_quality.py calibrate (make demo's GUIDANCE=auto): conditioning latents
     of the VAL phantoms only, each at its end-diastolic frame; sampling at seed + 1000; the
     guidance of the smallest EF MAE among the candidates and the scale where their EF slopes'
-    line reaches 1 is printed and recorded."""
+    line reaches 1 is printed and recorded, with the EF shift that cancels its mean error."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("time_to_quality", os.path.join(
         os.path.dirname(__file__), "..", "benchmarks", "time_to_quality.py"))
@@ -499,14 +520,14 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
         slope = 1 + 0.4 * (guidance - 2.5)
         with open(os.path.join(out, "ef_measured.csv"), "w") as f:
             f.write("FileName,RequestedEF,MeasuredEF\n" + "".join(
-                f"{n},{ef:.2f},{50 + slope * (ef - 50):.2f}\n" for n, ef in enumerate([20, 80, 50]))
+                f"{n},{ef:.2f},{46 + slope * (ef - 50):.2f}\n" for n, ef in enumerate([20, 80, 50]))
                 + "x,60.00,nan\n")
         error = abs(1 - slope) * 20
         return {"ef_mae": abs(error) + 1}
     monkeypatch.setattr(ttq, "score", score)
     args = argparse.Namespace(unet="u", data=str(tmp_path / "w"), out=str(tmp_path / "c"),
                               seed=7, candidates=[1.5, 3.0], sampler="dpm", steps=8,
-                              samples=16, refine=True, refine_range=[1.0, 6.0])
+                              samples=16, refine=True, refine_range=[1.0, 6.0], shift=True)
     os.makedirs(args.out)
     ttq.calibrate(args)
     # the two candidates, then where the line through their EF slopes reaches 1
@@ -519,3 +540,5 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
     with open(tmp_path / "c" / "calibrate.json") as f:
         saved = json.load(f)
     assert saved["guidance"] == 2.5 and abs(saved["val_ef_slope"]["1.5"] - 0.6) < 1e-3
+    # the videos land 4 points low at every scale: the shift that cancels it is +4
+    assert saved["ef_shift"] == 4.0 and (tmp_path / "c" / "ef_shift").read_text() == "4\n"
