@@ -150,9 +150,9 @@ def calibrate(args):
     frame (data.end_diastole) at EFs drawn with seed + 1000, so neither the hearts nor the EFs
     are the TEST videos'. Tries --candidates, then (--refine) the scale where the line through
     the first two candidates' EF slopes (measured on asked; stronger guidance spreads the EFs
-    wider) reaches 1, clipped to --refine-range and rounded to 0.25. With --shift, the EF shift
-    that cancels the VAL videos' mean error at that guidance (sample.py --ef_shift) goes to
-    <out>/ef_shift. Writes calibrate.json, prints the guidance."""
+    wider) reaches 1, clipped to --refine-range and rounded to 0.25. The EF shift that cancels
+    the VAL videos' mean error at that guidance (sample.py --ef_shift) goes to <out>/ef_shift.
+    Writes calibrate.json, prints the guidance."""
     sys.path.insert(0, HERE)
     import torch
 
@@ -183,7 +183,7 @@ def calibrate(args):
         if round(one * 4) / 4 not in mae:
             probe(round(one * 4) / 4)
     best = min(mae, key=mae.get)
-    shift = -round(error[best], 1) if args.shift else 0.0
+    shift = -round(error[best], 1) + 0.0                     # + 0.0: no "-0" in the file
     with open(os.path.join(args.out, "ef_shift"), "w") as f:
         f.write(f"{shift:g}\n")
     with open(os.path.join(args.out, "calibrate.json"), "w") as f:
@@ -223,8 +223,6 @@ def main():
                    help="calibrate: also try where the candidates' EF slope reaches 1")
     p.add_argument("--refine-range", type=float, nargs=2, default=[1.0, 6.0],
                    help="calibrate: the scales --refine may try (default: 1 6)")
-    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
-                   help="calibrate: also measure the EF shift that cancels the mean error")
     p.add_argument("--ef-shift", type=float, default=0.0, help="curve, sweep: sample.py "
                    "--ef_shift (default: 0)")
     p.add_argument("--cond-frame", default="ed", choices=["ed", "first"],

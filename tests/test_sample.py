@@ -527,7 +527,7 @@ def test_demo_calibration_uses_only_val_hearts_and_other_efs(tmp_path, monkeypat
     monkeypatch.setattr(ttq, "score", score)
     args = argparse.Namespace(unet="u", data=str(tmp_path / "w"), out=str(tmp_path / "c"),
                               seed=7, candidates=[1.5, 3.0], sampler="dpm", steps=8,
-                              samples=16, refine=True, refine_range=[1.0, 6.0], shift=True)
+                              samples=16, refine=True, refine_range=[1.0, 6.0])
     os.makedirs(args.out)
     ttq.calibrate(args)
     # the two candidates, then where the line through their EF slopes reaches 1
