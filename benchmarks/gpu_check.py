@@ -586,10 +586,10 @@ def decode(ck):
 
 @torch.inference_mode()
 def inception(ck):
-    import evaluate
+    import detectors
 
     numerics(tf32=False, deterministic=True)
-    net = evaluate.InceptionV3().eval().to(ck.device)
+    net = detectors.InceptionV3().eval().to(ck.device)
     n = ck.cfg["inception_batch"]
     x = torch.randint(0, 256, (n, 3, 112, 112), dtype=torch.uint8).to(ck.device)
     t = race(ck, {"inception": lambda: net(x, return_features=True)})["inception"]
@@ -598,10 +598,10 @@ def inception(ck):
 
 @torch.inference_mode()
 def i3d(ck):
-    import evaluate
+    import detectors
 
     numerics(tf32=False, deterministic=True)
-    net = evaluate.I3D().eval().to(ck.device)
+    net = detectors.I3D().eval().to(ck.device)
     for key, (frames, clips) in zip(("i3d_short", "i3d_long"), ck.cfg["i3d"]):
         x = torch.randint(0, 256, (clips, 3, frames, 112, 112), dtype=torch.uint8).to(ck.device)
         t = race(ck, {"i3d": lambda x=x: net(x, rescale=True, resize=True,

