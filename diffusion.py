@@ -275,13 +275,10 @@ def predict(unet, x_t, cond, t, ef):
 
 @torch.no_grad()
 def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, guidance=1.0,
-           amp=None, residual=0.0, weak=None):
+           amp=None, residual=0.0):
     """Latents [B, frames, C, h, w] (fp32) denoised from noise after set_timesteps; cond [B, C, h,
     w]; ef [B]; one generator per video. Each step: one UNet call on all windows of all videos
-    (under amp; guidance != 1 adds the NULL_EF pass), one fp32 step; residual: see lvdm_loss.
-    weak: a weaker UNet (an early checkpoint of the same run) makes the NULL_EF pass instead of
-    unet: guidance then also steers away from what the weak model gets wrong (autoguidance,
-    Karras et al. 2024, "Guiding a diffusion model with a bad version of itself")."""
+    (under amp; guidance != 1 adds the NULL_EF pass), one fp32 step; residual: see lvdm_loss."""
     B, C, h, w = cond.shape
     if residual and scheduler.clip:  # +-4 on k (x0 - cond): +-4k on x0
         scheduler = copy.copy(scheduler)
@@ -294,12 +291,7 @@ def sample(unet, scheduler, cond, ef, generators, frames, window=64, stride=32, 
     for t in scheduler.timesteps:
         x_w = split_windows(x, window, stride)  # [R*B, window, C, h, w]
         with amp or contextlib.nullcontext():
-            if weak is None or not guide:
-                v = predict(unet, torch.cat([x_w, x_w]) if guide else x_w, cond_w, t, ef_w).float()
-            else:  # the same inputs, the null EF's half to the weak model
-                n = len(x_w)
-                v = torch.cat([predict(unet, x_w, cond_w[:n], t, ef_w[:n]),
-                               predict(weak, x_w, cond_w[n:], t, ef_w[n:])]).float()
+            v = predict(unet, torch.cat([x_w, x_w]) if guide else x_w, cond_w, t, ef_w).float()
         if guide:
             v = guided(*v.chunk(2), guidance)
         x = scheduler.step(merge_windows(v, B, frames, window, stride), t, x, generator=generators)

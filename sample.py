@@ -50,8 +50,6 @@ arg("--sampler", choices=("ddpm", "ddim", "dpm"), default="ddpm", help="ddpm (de
     "original's), deterministic ddim, or dpm (DPM-Solver++(2M): few steps, <= 999)")
 arg("--guidance", type=float, default=1.0, help="classifier-free guidance scale, 1 = off "
     "(default; the published model never saw a null EF)")
-arg("--guide_unet", help="autoguidance: the null-EF pass of --guidance from this weaker UNet (an "
-    "early checkpoint of the same run, e.g. out/lvdm/checkpoint-100) instead of --unet")
 arg("--min_lvef", type=int, default=10, help="lowest EF in %% (default: %(default)s)")
 arg("--max_lvef", type=int, default=90, help="highest EF in %% (default: %(default)s)")
 arg("--ef_shift", type=float, default=0.0, help="EF points added to each requested EF before the "
@@ -96,11 +94,6 @@ def check_flags(args):
         raise SampleError(f"--device {args.device}: CUDA is not available here (use cpu)")
     if args.sampler == "dpm" and args.num_steps > 999:
         raise SampleError(f"--num_steps {args.num_steps}: --sampler dpm takes at most 999")
-    if args.guide_unet and args.guidance == 1:
-        raise SampleError(f"--guide_unet {args.guide_unet}: guides only with --guidance != 1")
-    if args.guide_unet and not os.path.exists(args.guide_unet):
-        raise SampleError(f"--guide_unet {args.guide_unet}: not found (a model folder or a "
-                          "training checkpoint-<step>/ folder)")
     fallback = args.unet == parser.get_default("unet") and model.list_checkpoints(TRAIN_OUT)
     found = {"unet": os.path.exists(args.unet) or bool(fallback), "vae": os.path.exists(args.vae),
              "conditioning": os.path.isdir(args.conditioning)}
@@ -198,15 +191,9 @@ def setup(args, device):
         raise SampleError(f"--unet {unet_path} --vae {args.vae}: need a VAE of 4 levels and C "
                           "latent channels, and a UNet of 2C -> C channels with an even num_frames")
     residual = trained_residual(unet_path)
-    weak, weak_path = load_unet(args.guide_unet) if args.guide_unet else (None, None)
-    def kind(m):
-        return m.config.in_channels, m.config.out_channels, m.config.num_frames
-    if weak and (kind(weak), trained_residual(weak_path)) != (kind(unet), residual):
-        raise SampleError(f"--guide_unet {weak_path}: its channels, num_frames or residual differ "
-                          f"from --unet {unet_path}'s (use an earlier checkpoint of the same run)")
-    unet, weak, vae = (m and m.to(device).requires_grad_(False) for m in (unet, weak, vae))
+    unet, vae = (m.to(device).requires_grad_(False) for m in (unet, vae))
     job = argparse.Namespace(
-        unet=unet, weak=weak, vae=vae, window=window, residual=residual, device=device,
+        unet=unet, vae=vae, window=window, residual=residual, device=device,
         frames=diffusion.round_frames(args.frames, window // 2),  # 100 -> 128
         shape=(C, *2 * [unet.config.sample_size or 14]),  # [4, 14, 14]
         paths=list_conditioning(args.conditioning, args.cond_frame),
@@ -217,8 +204,7 @@ def setup(args, device):
     job.settings = {k: getattr(args, k) for k in ("seed", "num_steps", "sampler", "guidance",
                                                   "min_lvef", "max_lvef", "fps", "cond_frame")}
     job.settings.update({k: p and os.path.abspath(p) for k, p in [  # paths made absolute
-        ("unet", unet_path), ("vae", args.vae), ("conditioning", args.conditioning),
-        ("guide_unet", weak_path)]})
+        ("unet", unet_path), ("vae", args.vae), ("conditioning", args.conditioning)]})
     job.settings.update(frames=job.frames, window=window, residual=residual,
                         device=device.type)  # cuda: a bf16 UNet, other bits than the CPU's
     if args.ef_shift:                                # recorded only when used: old folders resume
@@ -267,7 +253,7 @@ def sample_batch(args, job, index, formats):
         ef = (torch.tensor(efs, device=job.device) + args.ef_shift) / 100  # EF as the UNet sees it
         latents = diffusion.sample(job.unet, job.scheduler, x, ef, generators,
                                    max(job.frames, job.window), job.window, job.window // 2,
-                                   args.guidance, job.amp, job.residual, job.weak)[:, :job.frames]
+                                   args.guidance, job.amp, job.residual)[:, :job.frames]
         videos = data.decode(job.vae, latents, args.decode_chunk)
     for i, video, z in zip(index, videos, latents):
         for fmt, path in [(fmt, output_path(args.output, fmt, i)) for fmt in formats]:

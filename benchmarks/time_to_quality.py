@@ -29,17 +29,15 @@ import PIL.ImageDraw
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def score(unet, args, out, guidance, sampler="dpm", steps=8, weak=None, cond=None, shift=0.0):
-    """Samples args.samples videos from `unet` (the null-EF pass from `weak`, if given: sample.py
-    --guide_unet; conditioned on `cond`, else args.data's TEST phantoms) into out/ and returns
-    evaluate.py's EF row."""
+def score(unet, args, out, guidance, sampler="dpm", steps=8, cond=None, shift=0.0):
+    """Samples args.samples videos from `unet` (conditioned on `cond`, else args.data's TEST
+    phantoms) into out/ and returns evaluate.py's EF row."""
     run = [sys.executable, os.path.join(HERE, "sample.py"), "--unet", unet, "--vae", args.vae,
            "--conditioning", cond or args.data, "--output", out, "--num_samples", str(args.samples),
            "--batch_size", str(args.samples), "--frames", str(args.frames), "--fps", str(args.fps),
            "--sampler", sampler, "--num_steps", str(steps), "--guidance", str(guidance),
            "--min_lvef", "10", "--max_lvef", "90", "--seed", str(args.seed), "--save_as", "jpg",
            "--cond_frame", args.cond_frame, "--ef_shift", str(shift)]
-    run += ["--guide_unet", weak] if weak else []
     subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
     results = os.path.join(out, "results.jsonl")
     subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--fake",
@@ -92,13 +90,11 @@ def curve(args):
     with open(os.path.join(args.run, "log.jsonl")) as f:
         seconds = {row["step"]: row.get("train_s", 0.0) for row in map(json.loads, f)}
     points = []
-    for step in steps:  # past --guide-step: autoguided by that checkpoint, as make demo samples
-        weak = os.path.join(args.run, f"checkpoint-{args.guide_step}") \
-            if args.guide_step and step > args.guide_step else None
+    for step in steps:
         ef = score(os.path.join(args.run, f"checkpoint-{step}"), args,
                    os.path.join(args.out, f"step-{step}"), args.guidance, args.sampler,
-                   args.steps, weak, shift=args.ef_shift)
-        points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60, "weak": weak,
+                   args.steps, shift=args.ef_shift)
+        points.append({"step": step, "minutes": seconds.get(step, 0.0) / 60,
                        "r": ef["ef_pearson_r"], "mae": ef["ef_mae"], "n": ef["ef_n"]})
         print(f"step {step:5d}  {points[-1]['minutes']:5.1f} min  r {points[-1]['r']:.3f}  "
               f"MAE {points[-1]['mae']:.2f}", flush=True)
@@ -110,21 +106,17 @@ def curve(args):
 
 def sweep(args):
     """Classifier-free guidance 1 / 1.25 / 1.5 / 2 / 3 / 4 with the demo's sampler (--sampler,
-    --steps); with --guide, the same autoguided; then at --guidance (the model itself, as make
-    demo) DPM-Solver++ 5 / 16, DDIM 5 / 10 / 20 / 50 and the original's DDPM 64."""
-    cases = [(g, args.sampler, args.steps, None) for g in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)]
-    cases += [(g, args.sampler, args.steps, args.guide) for g in (1.5, 2.0, 3.0) if args.guide]
-    cases += [(args.guidance, sampler, steps, None) for sampler, steps in (
+    --steps); then at --guidance (as make demo) DPM-Solver++ 5 / 16, DDIM 5 / 10 / 20 / 50 and
+    the original's DDPM 64."""
+    cases = [(g, args.sampler, args.steps) for g in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)]
+    cases += [(args.guidance, sampler, steps) for sampler, steps in (
         ("dpm", 5), ("dpm", 16), ("ddim", 5), ("ddim", 10), ("ddim", 20), ("ddim", 50),
         ("ddpm", 64))]
-    lines = ["| guidance | null-EF pass | sampler | steps | EF r | EF MAE |",
-             "|---|---|---|---|---|---|"]
-    for g, sampler, steps, weak in cases:
-        name = f"g{g:g}-{sampler}{steps}" + ("-auto" if weak else "")
-        ef = score(args.unet, args, os.path.join(args.out, name), g, sampler, steps, weak,
-                   shift=args.ef_shift)
-        source = "(none)" if g == 1 else os.path.basename(weak) if weak else "the model itself"
-        lines.append(f"| {g:g} | {source} | {sampler.upper()} | {steps} | "
+    lines = ["| guidance | sampler | steps | EF r | EF MAE |", "|---|---|---|---|---|"]
+    for g, sampler, steps in cases:
+        ef = score(args.unet, args, os.path.join(args.out, f"g{g:g}-{sampler}{steps}"), g,
+                   sampler, steps, shift=args.ef_shift)
+        lines.append(f"| {g:g} | {sampler.upper()} | {steps} | "
                      f"{ef['ef_pearson_r']:.3f} | {ef['ef_mae']:.2f} |")
         print(lines[-1], flush=True)
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
@@ -213,9 +205,6 @@ def main():
     p.add_argument("--sampler", default="dpm", choices=["dpm", "ddim", "ddpm"],
                    help="curve, and sweep's guidance rows: sample.py --sampler (default: dpm)")
     p.add_argument("--steps", type=int, default=8, help="with --sampler (default: 8)")
-    p.add_argument("--guide-step", type=int, default=0, help="curve: later checkpoints are "
-                   "autoguided by this one (sample.py --guide_unet; default: 0, none)")
-    p.add_argument("--guide", help="sweep: a weaker checkpoint or model for autoguidance")
     p.add_argument("--seed", type=int, default=0, help="sample.py --seed (default: 0)")
     p.add_argument("--candidates", type=float, nargs="+", default=[1.5, 2.0, 3.0],
                    help="calibrate: guidance scales to try (default: 1.5 2 3)")
