@@ -293,7 +293,7 @@ class LatentVideoDataset(torch.utils.data.Dataset):
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
         splits = {split} if isinstance(split, str) else set(split)
         self.frames, self.fps, self.seed, self.epoch = frames, fps, seed, 0
-        self.cond_frame = cond_frame                           # "random" or "first"
+        self.cond_frame = cond_frame                           # "random", "first" or "ed"
         self.items = []                                        # (latent path, fps, EF / 100, name)
         for root in roots:
             if not os.path.isdir(os.path.join(root, "Latents")):
@@ -315,6 +315,17 @@ class LatentVideoDataset(torch.utils.data.Dataset):
                             + ", ".join(map(str, roots)))
         for path, *_ in self.items:      # every latent's header now, not hours into a run
             self.read(path)
+        if cond_frame == "ed":  # frames within 10 % of the swing of the largest LV cavity
+            self.diastolic = [self.diastolic_frames(path) for path, *_ in self.items]
+
+    @staticmethod
+    def diastolic_frames(latent):
+        """[T] bool: the frames of the video beside `latent` (../Videos/) at end-diastole, their
+        LV cavity within 10 % of the swing from the largest (data.measure_ef, phantom-like)."""
+        root, name = os.path.split(os.path.dirname(latent))[0], os.path.basename(latent)[:-3]
+        volumes = measure_ef(read_video(_video_path(root, name))[0])["volumes"]
+        top, low = np.nanmax(volumes), np.nanmin(volumes)
+        return np.nan_to_num(volumes, nan=-np.inf) >= top - 0.1 * (top - low)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -346,12 +357,15 @@ class LatentVideoDataset(torch.utils.data.Dataset):
             idx = idx + rng.integers(0, idx[1])
         if len(idx) > self.frames:
             start = rng.integers(0, len(idx) - self.frames)
+            if self.cond_frame == "ed":  # a start at end-diastole, where sample.py --cond_frame ed
+                ed = np.flatnonzero(self.diastolic[index][np.minimum(idx, T - 1)][:-self.frames])
+                start = ed[rng.integers(len(ed))] if len(ed) else start
             idx = idx[start:start + self.frames]
         idx = idx[idx < T]                                     # the phase may push the last out
         latents = torch.zeros(self.frames, *self.latent_shape)
         latents[:len(idx)] = video[torch.from_numpy(idx)].float()
         cond = video[int(rng.integers(0, T))].float()
-        if self.cond_frame == "first":  # the clip starts at cond: what sample.py asks of it
+        if self.cond_frame != "random":  # the clip starts at cond: what sample.py asks of it
             cond = latents[0].clone()
         return {"latents": latents, "cond": cond, "ef": torch.tensor(ef, dtype=torch.float32),
                 "n_real": torch.tensor(len(idx)), "name": name}

@@ -63,8 +63,8 @@ CONFIG = dict(  # key=(default, what it is)
     noise_offset=(0.1, "offset noise strength (Guttenberg 2023)"),
     ef_dropout=(0.1, "share of clips trained with NULL_EF, for guidance (applied here)"),
     residual=(0.0, "diffuse k (x0 - cond) instead of x0 (0: x0, the original's)"),
-    cond_frame=("random", "conditioning frame: random (any of the video, the original's) or "
-                "first (the clip's first: it starts from it)"),
+    cond_frame=("random", "conditioning frame: random (any of the video, the original's), "
+                "first (the clip's first: it starts from it) or ed (first, at end-diastole)"),
     t_shift=(0.0, "t = N (1 - (1 - u)^p): more high-noise clips (0: uniform, the original's)"),
     recon_loss=("l1", "VAE: reconstruction loss, l1 or mse"),
     kl_weight=(1e-6, "VAE: KL weight (latent diffusion's KL-reg)"),
@@ -89,7 +89,7 @@ CONFIG = dict(  # key=(default, what it is)
 )
 CHOICES = dict(model=["unet", "vae"], precision=["fp32", "bf16", "fp16"],
                preview_sampler=["ddpm", "ddim"], recon_loss=["l1", "mse"],
-               cond_frame=["random", "first"])
+               cond_frame=["random", "first", "ed"])
 # Every number's range (low, high or None), checked before any work; NaN and inf fail too. A
 # number not listed here must be >= 0.
 RANGES = {k: (0, None) for k, (v, _) in CONFIG.items() if type(v) in (int, float)} | dict(

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -186,6 +187,33 @@ def test_latent_dataset_cond_frame_first_is_the_windows_first_frame(tmp_path):
         a, b = random[index], first[index]
         assert torch.equal(b["cond"], b["latents"][0]) and torch.equal(a["latents"], b["latents"])
         assert not torch.equal(a["cond"], b["cond"])
+
+
+def test_latent_dataset_cond_frame_ed_starts_every_clip_at_end_diastole(tmp_path, phantom):
+    """cond_frame "ed": every clip starts at (and is conditioned on) a frame whose measured LV
+    cavity is within 10 % of the swing from the video's largest: where sample.py starts."""
+    root = str(tmp_path / "p")
+    shutil.copytree(phantom, root, ignore=lambda d, names: [n for n in names if n.endswith(".avi")
+                                                            and n[-7:-4] > "005"])
+    os.makedirs(os.path.join(root, "Latents"))
+    names = [n[:-4] for n in sorted(os.listdir(os.path.join(root, "Videos")))]
+    for name in names:  # latents whose frame t holds the value t
+        n = len(data.read_video(os.path.join(root, "Videos", name + ".avi"))[0])
+        video = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 4, 14, 14)
+        torch.save(video.clone(), os.path.join(root, "Latents", name + ".pt"))
+    ds = data.LatentVideoDataset(root, split=["TRAIN", "VAL", "TEST"], frames=16, fps=12,
+                                 cond_frame="ed")
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for index, (path, *_) in enumerate(ds.items):
+            volumes = data.measure_ef(data.read_video(path.replace("Latents", "Videos")[:-3]
+                                                      + ".avi")[0])["volumes"]
+            item = ds[index]
+            t = int(item["cond"][0, 0, 0])
+            assert torch.equal(item["cond"], item["latents"][0]) and item["n_real"] == 16
+            swing = np.nanmax(volumes) - np.nanmin(volumes)
+            assert volumes[t] >= np.nanmax(volumes) - 0.1 * swing, (path, t)
+            assert 0.2 < ds.diastolic[index].mean() < 0.7  # diastasis: 35 % of a phantom's cycle
 
 
 def test_latent_dataset_pads_a_latent_shorter_than_its_filelist(tmp_path):
