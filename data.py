@@ -315,17 +315,11 @@ class LatentVideoDataset(torch.utils.data.Dataset):
                             + ", ".join(map(str, roots)))
         for path, *_ in self.items:      # every latent's header now, not hours into a run
             self.read(path)
-        if cond_frame == "ed":  # frames within 10 % of the swing of the largest LV cavity
-            self.diastolic = [self.diastolic_frames(path) for path, *_ in self.items]
-
-    @staticmethod
-    def diastolic_frames(latent):
-        """[T] bool: the frames of the video beside `latent` (../Videos/) at end-diastole, their
-        LV cavity within 10 % of the swing from the largest (data.measure_ef, phantom-like)."""
-        root, name = os.path.split(os.path.dirname(latent))[0], os.path.basename(latent)[:-3]
-        volumes = measure_ef(read_video(_video_path(root, name))[0])["volumes"]
-        top, low = np.nanmax(volumes), np.nanmin(volumes)
-        return np.nan_to_num(volumes, nan=-np.inf) >= top - 0.1 * (top - low)
+        self.diastolic = []  # "ed": [T] bool per video, LV cavity within 10 % of the swing
+        for path, *_, name in self.items if cond_frame == "ed" else []:    # from the largest
+            volumes = lv_volumes(os.path.dirname(os.path.dirname(path)), name)
+            top, low = np.nanmax(volumes), np.nanmin(volumes)
+            self.diastolic.append(np.nan_to_num(volumes, nan=-np.inf) >= top - 0.1 * (top - low))
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -589,13 +583,17 @@ def measure_ef(frames, centre=LV_CENTRE, px_cm=PX_CM):
     return {"ef": 100 * (edv - esv) / edv, "edv": edv, "esv": esv, "areas": area * px_cm**2,
             "volumes": volumes}
 
-def end_diastole(root, name):
-    """The index of phantom-like video `name`'s end-diastolic frame: its largest LV cavity."""
+def lv_volumes(root, name):
+    """[F] LV volumes (mL, NaN: no cavity) of phantom-like video `name` (`measure_ef`)."""
     path = _video_path(root, name)
     volumes = measure_ef(read_video(path)[0])["volumes"]
     if not np.isfinite(volumes).any():
         raise DataError(f"{path}: no LV cavity found for its end-diastolic frame")
-    return int(np.nanargmax(volumes))
+    return volumes
+
+def end_diastole(root, name):
+    """The index of phantom-like video `name`'s end-diastolic frame: its largest LV cavity."""
+    return int(np.nanargmax(lv_volumes(root, name)))
 
 def ef_adherence(requested, measured):
     """How well videos follow the EF they were asked for: Pearson r and mean absolute error (EF
